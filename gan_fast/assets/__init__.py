@@ -1,0 +1,1 @@
+"""Package data: the embedded digits (see README.md here)."""

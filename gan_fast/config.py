@@ -1,0 +1,170 @@
+"""The run configuration: one dataclass, the command-line flags built from it, and the error type
+that the command-line entry points turn into a message and exit code 2 (never a traceback)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .models import ARCHS, check_image_size
+
+BACKEND_CHOICES = ("reference", "triton", "ext", "auto")
+MILESTONES = (100, 1000, 5000, 10000, 20000, 50000)  # sample grids of the seed's training log
+
+
+class UserError(Exception):
+    """A mistake in the user's input (flags, paths, data): reported as one line, exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = None
+    image_size: int = 32
+    channels: int = 1
+    # model
+    arch: str = "dcgan"
+    nz: int = 64
+    ngf: int = 32
+    ndf: int = 32
+    g_upsample: bool = False
+    # optimisation
+    batch_size: int = 64
+    steps: int | None = None
+    epochs: int | None = None
+    lr: float = 2e-4
+    beta1: float = 0.5
+    seed: int = 0
+    # execution
+    device: str = "auto"
+    backend: str = "reference"
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = 2
+    # outputs
+    out: str = "runs/dcgan"
+    resume: str | None = None
+    sample_every: int = 500
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    milestones: tuple = field(default=MILESTONES)
+
+    DEFAULT_STEPS = 1500
+
+    def validate(self) -> "TrainConfig":
+        try:
+            check_image_size(self.image_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if self.arch not in ARCHS:
+            raise UserError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.arch == "mlp" and self.g_upsample:
+            raise UserError("--g-upsample applies to --arch dcgan only")
+        if self.channels not in (1, 3):
+            raise UserError(f"--channels must be 1 or 3, got {self.channels}")
+        for name in ("nz", "ngf", "ndf", "batch_size", "sample_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserError("--batch-size must be at least 2: BatchNorm needs two samples per batch")
+        if self.steps is not None and self.epochs is not None:
+            raise UserError("give --steps or --epochs, not both")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
+            raise UserError("--steps and --epochs must be at least 1")
+        if self.lr <= 0 or not 0 <= self.beta1 < 1:
+            raise UserError("--lr must be positive and --beta1 in [0, 1)")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "milestones" in kw:
+            kw["milestones"] = tuple(kw["milestones"])
+        return cls(**kw)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default=d.arch, help="DCGAN or the vanilla MLP GAN")
+    g.add_argument("--image-size", type=int, default=d.image_size, help="power of two, 16..256")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=d.channels,
+                   help="image channels; input images are converted (grayscale or RGB)")
+    g.add_argument("--nz", type=int, default=d.nz, help="latent size")
+    g.add_argument("--ngf", type=int, default=d.ngf, help="generator width")
+    g.add_argument("--ndf", type=int, default=d.ndf, help="discriminator width")
+    g.add_argument("--g-upsample", action="store_true",
+                   help="generator upsamples (nearest) then convolves instead of ConvTranspose2d")
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="folder of images (searched recursively) or a .zip of them; "
+                        "default: the embedded 8x8 UCI digits upscaled to 32x32")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="loader processes, used only when the data set does not fit in memory")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None,
+                        help=f"number of G updates (default {TrainConfig.DEFAULT_STEPS})")
+    length.add_argument("--epochs", type=int, default=None, help="passes over the data instead of --steps")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                   help="op implementation: reference nn modules, fused triton or ext kernels, or auto")
+    g.add_argument("--fused", action="store_true", help="same as --backend auto")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), default=d.amp, help="autocast dtype")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
+    g.add_argument("--compile", action="store_true", help="torch.compile both networks (a baseline)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out", default=d.out, help="run directory: grids, metrics, plots, checkpoints")
+    g.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",
+                   help="continue from PATH, or from the last checkpoint in --out when no PATH is given")
+    g.add_argument("--sample-every", type=int, default=d.sample_every)
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--log-every", type=int, default=d.log_every)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A TrainConfig from parsed flags; flags a parser lacks keep their defaults."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if getattr(args, "fused", False):
+        if getattr(args, "backend", None) not in (None, "auto"):
+            raise UserError(f"--fused means --backend auto; it conflicts with --backend {args.backend}")
+        kw["backend"] = "auto"
+    return TrainConfig(**kw).validate()
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Run an entry point: user mistakes print one line and exit 2, Ctrl-C exits 130, no tracebacks."""
+    # warnings are messages to the user here: one line, without the source line that emitted them
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        sys.stderr.close()
+        code = 0
+    sys.exit(code)

@@ -1,0 +1,138 @@
+"""Generate images from a trained generator: ``python -m gan_fast.sample --checkpoint RUN/checkpoint.pt``.
+
+Writes a grid PNG (--n images), optionally one PNG per image (--individual DIR) and a latent
+interpolation strip (--interpolate; a .gif --interpolate-out animates it). Also loads a
+pytorch/examples dcgan ``netG.pth`` (keys ``main.N.weight``) given the model flags it was trained with.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, UserError, add_model_flags, run_cli
+from .images import make_grid, save_grid, save_images, to_pil
+from .models import build_models
+from .train import pick_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gan_fast.sample", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a gan_fast checkpoint (or a run folder holding one)")
+    src.add_argument("--netG", help="a generator state_dict, e.g. pytorch/examples' netG.pth; "
+                                    "give --arch/--image-size/--channels/--nz/--ngf it was trained with")
+    add_model_flags(p)
+    p.add_argument("--n", type=int, default=64, help="images in the grid")
+    p.add_argument("--out", default="samples.png", help="grid PNG path")
+    p.add_argument("--individual", metavar="DIR", help="also write each image as its own PNG here")
+    p.add_argument("--interpolate", type=int, metavar="STEPS", default=0,
+                   help="also write a strip interpolating (spherically) between two latents in STEPS")
+    p.add_argument("--interpolate-out", default="interpolation.png",
+                   help="interpolation strip path; ending in .gif writes an animation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truncation", type=float, default=None,
+                   help="resample latent entries with |z| above this (the truncation trick, "
+                        "Brock et al. 2019 BigGAN): less variety, higher fidelity")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--train-mode-bn", action="store_true",
+                   help="normalize with batch statistics instead of the running ones")
+    return p
+
+
+def truncated_normal(shape, threshold: float | None, generator: torch.Generator) -> torch.Tensor:
+    z = torch.randn(shape, generator=generator)
+    if threshold is None:
+        return z
+    if threshold <= 0:
+        raise UserError("--truncation must be positive")
+    for _ in range(1000):  # resampling the tail converges fast: P(|z| > 0.5) is 0.62
+        outside = z.abs() > threshold
+        if not outside.any():
+            break
+        z[outside] = torch.randn(int(outside.sum()), generator=generator)
+    return z
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (White 2016, "Sampling Generative Networks"): Gaussian latents
+    concentrate on a sphere, and linear interpolation would cut through its low-density interior."""
+    a_flat, b_flat = a.flatten(), b.flatten()
+    omega = torch.arccos((a_flat / a_flat.norm()).dot(b_flat / b_flat.norm()).clamp(-1, 1))
+    if omega.abs() < 1e-6:
+        return torch.stack([(1 - s) * a + s * b for s in t])
+    so = torch.sin(omega)
+    return torch.stack([torch.sin((1 - s) * omega) / so * a + torch.sin(s * omega) / so * b for s in t])
+
+
+def load_generator(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, int]:
+    if args.checkpoint:
+        path = args.checkpoint
+        if os.path.isdir(path):
+            path = os.path.join(path, ckpt.CHECKPOINT_NAME)
+        state = ckpt.load(path)
+        if "config" not in state or "netG" not in state:
+            raise UserError(f"{path} is not a gan_fast training checkpoint")
+        cfg = TrainConfig.from_dict(state["config"])
+        weights = state["netG"]
+    else:
+        cfg = TrainConfig(arch=args.arch, image_size=args.image_size, channels=args.channels,
+                          nz=args.nz, ngf=args.ngf, g_upsample=args.g_upsample)
+        cfg.validate()
+        weights = ckpt.load(args.netG)
+        if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+            raise UserError(f"{args.netG} is not a state_dict of tensors")
+    netG, _ = build_models(cfg.arch, cfg.nz, cfg.ngf, cfg.ndf, cfg.channels, cfg.image_size,
+                           cfg.g_upsample)
+    try:
+        netG.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"the generator weights don't match --arch {cfg.arch} --image-size "
+                        f"{cfg.image_size} --channels {cfg.channels} --nz {cfg.nz} --ngf {cfg.ngf}"
+                        f"{' --g-upsample' if cfg.g_upsample else ''}: {first[1].strip() if len(first) > 1 else first[0]}"
+                        ) from None
+    return netG.to(device), cfg.nz
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    device = pick_device(args.device)
+    netG, nz = load_generator(args, device)
+    netG.train(args.train_mode_bn)
+    g = torch.Generator().manual_seed(args.seed)
+
+    z = truncated_normal((args.n, nz, 1, 1), args.truncation, g).to(device)
+    images = netG(z)
+    save_grid(images, args.out)
+    print(f"wrote {args.out} ({args.n} images)")
+    if args.individual:
+        paths = save_images(images, args.individual)
+        print(f"wrote {len(paths)} images to {args.individual}")
+    if args.interpolate:
+        if args.interpolate < 2:
+            raise UserError("--interpolate needs at least 2 steps")
+        ends = truncated_normal((2, nz, 1, 1), args.truncation, g)
+        path_z = slerp(ends[0], ends[1], torch.linspace(0, 1, args.interpolate)).to(device)
+        frames = netG(path_z)
+        if args.interpolate_out.lower().endswith(".gif"):
+            pil = [to_pil(make_grid(f[None], nrow=1, padding=0)) for f in frames]
+            pil = pil + pil[-2:0:-1]  # play forth and back
+            pil[0].save(args.interpolate_out, save_all=True, append_images=pil[1:], duration=80, loop=0)
+        else:
+            save_grid(frames, args.interpolate_out, nrow=args.interpolate)
+        print(f"wrote {args.interpolate_out} ({args.interpolate} steps)")
+    return 0
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,115 @@
+"""Per-layer output shapes and parameter counts of G and D: ``python -m gan_fast.summary [model flags]``.
+
+Shapes come from the convolution size formulas (PyTorch's Conv2d / ConvTranspose2d docs), then are
+checked against a real forward pass, so the table can't drift from the models.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from torch import nn
+
+from .config import TrainConfig, add_model_flags, add_train_flags, config_from_args, run_cli
+from .models import build_models
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def layer_output_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The output shape of ``layer`` for an input of ``shape``, computed without running it."""
+    if isinstance(layer, nn.Conv2d):
+        n, _, h, w = shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (layer.kernel_size, layer.stride,
+                                                            layer.padding, layer.dilation))
+        return (n, layer.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    if isinstance(layer, nn.ConvTranspose2d):
+        n, _, h, w = shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = map(_pair, (
+            layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.output_padding))
+        return (n, layer.out_channels, (h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1,
+                (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1)
+    if isinstance(layer, nn.Upsample):
+        n, c, h, w = shape
+        sh, sw = _pair(int(layer.scale_factor)) if not isinstance(layer.scale_factor, tuple) \
+            else tuple(int(s) for s in layer.scale_factor)
+        return (n, c, h * sh, w * sw)
+    if isinstance(layer, nn.Linear):
+        return (*shape[:-1], layer.out_features)
+    return shape  # BatchNorm, activations, Identity: elementwise
+
+
+def summarize(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, tuple, int]]:
+    """Rows (name, layer, output shape, parameter count) of ``model.main``, checked against a
+    forward pass on ``input_shape``."""
+    layers = list(model.main.named_children())
+    shape = input_shape
+    if isinstance(layers[0][1], nn.Linear):
+        shape = (input_shape[0], math.prod(input_shape[1:]))  # the MLPs flatten their input
+    rows = []
+    for name, layer in layers:
+        shape = layer_output_shape(layer, shape)
+        rows.append((f"main.{name}", _describe(layer), shape,
+                     sum(p.numel() for p in layer.parameters(recurse=True))))
+
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape))) for _, layer in layers]
+    was_training = model.training
+    model.eval()  # a forward with running statistics: the summary must not change the model
+    try:
+        with torch.no_grad():
+            model(torch.randn(input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    for (name, _, shape, _), actual in zip(rows, seen):
+        if shape != actual:
+            raise AssertionError(f"{name}: computed shape {shape} but the forward pass gave {actual}")
+    return rows
+
+
+def _describe(layer: nn.Module) -> str:
+    text = repr(layer)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_table(title: str, input_shape: tuple, rows) -> str:
+    lines = [f"{title}  input {list(input_shape)}",
+             f"  {'layer':<9} {'module':<62} {'output shape':<20} {'params':>10}"]
+    for name, desc, shape, params in rows:
+        lines.append(f"  {name:<9} {desc:<62} {str(list(shape)):<20} {params:>10,}")
+    total = sum(r[3] for r in rows)
+    lines.append(f"  {'total':<9} {'':<62} {'':<20} {total:>10,}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gan_fast.summary",
+                                description="Layer shapes and parameter counts (same flags as train).")
+    add_model_flags(p)
+    add_train_flags(p)  # accepted so a train command line can be pasted as is
+    cfg: TrainConfig = config_from_args(p.parse_args(argv))
+    torch.manual_seed(cfg.seed)
+    netG, netD = build_models(cfg.arch, cfg.nz, cfg.ngf, cfg.ndf, cfg.channels, cfg.image_size,
+                              cfg.g_upsample)
+    batch = 2  # the smallest batch BatchNorm accepts; shapes are per batch anyway
+    g_in = (batch, cfg.nz, 1, 1)
+    d_in = (batch, cfg.channels, cfg.image_size, cfg.image_size)
+    print(format_table(f"Generator ({cfg.arch}{', upsample+conv' if cfg.g_upsample else ''})",
+                       g_in, summarize(netG, g_in)))
+    print()
+    print(format_table(f"Discriminator ({cfg.arch})", d_in, summarize(netD, d_in)))
+    return 0
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
