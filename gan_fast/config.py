@@ -44,6 +44,7 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: str = "auto"
     workers: int = 2
     # outputs
     out: str = "runs/dcgan"
@@ -75,6 +76,8 @@ class TrainConfig:
             raise UserError("give --steps or --epochs, not both")
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
             raise UserError("--steps and --epochs must be at least 1")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise UserError(f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.lr <= 0 or not 0 <= self.beta1 < 1:
             raise UserError("--lr must be positive and --beta1 in [0, 1)")
         return self
@@ -132,6 +135,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), default=d.amp, help="autocast dtype")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (a baseline)")
+    g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default=d.cuda_graphs,
+                   help="capture the whole training step (both updates, both Adam steps) in a CUDA graph; "
+                        "auto: on with a fused backend on CUDA")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=d.out, help="run directory: grids, metrics, plots, checkpoints")
     g.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",

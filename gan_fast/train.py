@@ -27,8 +27,8 @@ from .images import save_grid
 from .models import build_models
 
 # Flags that may change when a run is resumed; every other setting comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("steps", "epochs", "out", "device", "backend", "amp", "compile", "channels_last",
-                       "sample_every", "checkpoint_every", "log_every", "workers", "data")
+RESUMABLE_OVERRIDES = ("steps", "epochs", "out", "device", "backend", "amp", "compile", "cuda_graphs",
+                       "channels_last", "sample_every", "checkpoint_every", "log_every", "workers", "data")
 STAT_NAMES = ("loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2")
 N_FIXED_NOISE = 64
 
@@ -82,8 +82,11 @@ class Trainer:
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.netG.to(self.device, memory_format=memory_format)
         self.netD.to(self.device, memory_format=memory_format)
-        self.optG = torch.optim.Adam(self.netG.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
-        self.optD = torch.optim.Adam(self.netD.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
+        self.use_cuda_graphs = self._wants_cuda_graphs()
+        # capturable: Adam keeps its step count on the device, so its step can be graph-captured
+        adam = dict(lr=cfg.lr, betas=(cfg.beta1, 0.999), capturable=self.use_cuda_graphs)
+        self.optG = torch.optim.Adam(self.netG.parameters(), **adam)
+        self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
         if state is not None:
@@ -98,6 +101,9 @@ class Trainer:
             fuse(self.netD, self.backend)
         self.bce = (F.binary_cross_entropy_with_logits if self.backend == "reference"
                     else ops_for(self.backend).bce_with_logits)
+        # the fused D head (last conv + loss in one op) runs outside netD's forward, so not under
+        # --compile, which compiles that forward
+        self.fused_d_head = self.backend != "reference" and not cfg.compile
         if cfg.compile:
             self.netG.compile()  # in place: the state_dict keys stay those of the plain module
             self.netD.compile()
@@ -107,6 +113,18 @@ class Trainer:
         # The same fixed noise on every device and backend, so grids of different runs compare.
         g = torch.Generator().manual_seed(cfg.seed + 1)
         self.fixed_noise = torch.randn(N_FIXED_NOISE, cfg.nz, 1, 1, generator=g).to(self.device)
+
+    def _wants_cuda_graphs(self) -> bool:
+        """--cuda-graphs on: required (an error when impossible); auto: with a fused backend on CUDA."""
+        from .cuda_graphs import unsupported_reason
+
+        mode = self.cfg.cuda_graphs
+        if mode == "off" or (mode == "auto" and self.backend == "reference"):
+            return False
+        reason = unsupported_reason(self)
+        if reason is not None and mode == "on":
+            raise UserError(f"--cuda-graphs on: {reason}")
+        return reason is None
 
     # ---------------------------------------------------------------- the training step
     def train_step(self, real_u8: torch.Tensor) -> torch.Tensor:
@@ -122,22 +140,19 @@ class Trainer:
         # (1) Update D: maximize log(D(x)) + log(1 - D(G(z)))
         netD.zero_grad(set_to_none=True)
         with self.autocast:
-            out_real = netD(real)
-            err_d_real = self.bce(out_real.float(), ones)
+            err_d_real, out_real = self.d_loss(real, ones)
         scaler.scale(err_d_real).backward()
         z = torch.randn(b, cfg.nz, 1, 1, device=self.device)
         with self.autocast:
             fake = netG(z)
-            out_fake = netD(fake.detach())
-            err_d_fake = self.bce(out_fake.float(), zeros)
+            err_d_fake, out_fake = self.d_loss(fake.detach(), zeros)
         scaler.scale(err_d_fake).backward()
         scaler.step(self.optD)
 
         # (2) Update G: maximize log(D(G(z))), the non-saturating loss of Goodfellow et al.
         netG.zero_grad(set_to_none=True)
         with self.autocast:
-            out_g = netD(fake)
-            err_g = self.bce(out_g.float(), ones)
+            err_g, out_g = self.d_loss(fake, ones)
         scaler.scale(err_g).backward()
         scaler.step(self.optG)
         scaler.update()
@@ -146,6 +161,15 @@ class Trainer:
             return torch.stack([err_d_real + err_d_fake, err_g, torch.sigmoid(out_real.float()).mean(),
                                 torch.sigmoid(out_fake.float()).mean(),
                                 torch.sigmoid(out_g.float()).mean()]).detach()
+
+    def d_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BCE-with-logits loss of D on x against target, D's logits)."""
+        if self.fused_d_head:
+            from .fuse import discriminator_loss
+
+            return discriminator_loss(self.netD, x, target, self.bce)
+        logits = self.netD(x)
+        return self.bce(logits.float(), target), logits
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -210,6 +234,12 @@ class Trainer:
                  f"{self.device} with backend {self.backend}: steps {self.step} -> {self.total_steps}, "
                  f"batch {cfg.batch_size}, out {cfg.out}")
 
+        if self.use_cuda_graphs:  # the same step, replayed from one captured CUDA graph
+            from .cuda_graphs import GraphedStep
+
+            step_fn = GraphedStep(self)
+        else:
+            step_fn = self.train_step
         stop = StopFlag()
         progress = Progress(self.step, self.total_steps, self.log)
         stat_sum, stat_n, t0, interval_start = None, 0, time.perf_counter(), self.step
@@ -217,7 +247,7 @@ class Trainer:
             while self.step < self.total_steps and not stop.requested:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
                 for real in self.data.batches(cfg.batch_size, epoch, offset):
-                    stats = self.train_step(real)
+                    stats = step_fn(real)
                     stat_sum = stats if stat_sum is None else stat_sum + stats
                     stat_n += 1
                     self.step += 1

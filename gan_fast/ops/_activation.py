@@ -1,0 +1,97 @@
+"""Pointwise activations applied in kernel epilogues, and the backward pass of bias + activation for
+the fused ops without BatchNorm.
+
+Activation codes (a tl.constexpr, so each kernel compiles only the branch it uses):
+NONE = 0, RELU = 1, LEAKY_RELU = 2, TANH = 3.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, new_output_like
+
+NONE, RELU, LEAKY_RELU, TANH = 0, 1, 2, 3
+
+
+@triton.jit
+def tanh_fp32(v):
+    # tanh from one exp of a non-positive argument: no overflow for large |v| (tl has no portable
+    # tanh across the GPU backends and the interpreter).
+    e = tl.exp(-2.0 * tl.abs(v))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(v < 0, -t, t)
+
+
+@triton.jit
+def apply_activation(v, ACT: tl.constexpr, slope):
+    # `v < 0` rather than `v > 0` in the selects keeps NaN flowing through, as torch.relu does.
+    if ACT == 1:
+        v = tl.where(v < 0, 0.0, v)
+    elif ACT == 2:
+        v = tl.where(v < 0, v * slope, v)
+    elif ACT == 3:
+        v = tanh_fp32(v)
+    return v
+
+
+@triton.jit
+def activation_grad(dy, y, ACT: tl.constexpr, slope):
+    """dL/d(pre-activation) from dL/dy and the activation's OUTPUT y, as torch's in-place ReLU /
+    LeakyReLU backward does it (y > 0 exactly where the input was > 0 for slope >= 0), and
+    tanh' = 1 - y^2."""
+    if ACT == 1:
+        dy = tl.where(y > 0, dy, 0.0)
+    elif ACT == 2:
+        dy = tl.where(y > 0, dy, dy * slope)
+    elif ACT == 3:
+        dy = dy * (1.0 - y * y)
+    return dy
+
+
+@triton.jit
+def _bias_activation_backward_kernel(
+    dy_ptr, y_ptr, dz_ptr, dbias_ptr,
+    ROWS, C, HW, W,                      # rows = N*H*W, one column per channel
+    s_dyn, s_dyc, s_dyh, s_dyw,
+    s_yn, s_yc, s_yh, s_yw,
+    s_dzn, s_dzc, s_dzh, s_dzw,
+    slope,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # dz = dy * act'(y) in one pass; the bias gradient (sum of dz over N, H, W) is reduced per tile
+    # and atomically added into an fp32 [C] buffer.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < ROWS
+    c_ok = cols < C
+    ok = r_ok[:, None] & c_ok[None, :]
+    n = rows // HW
+    hw = rows % HW
+    h = hw // W
+    w = hw % W
+    dy = tl.load(dy_ptr + (n * s_dyn + h * s_dyh + w * s_dyw)[:, None] + cols[None, :] * s_dyc,
+                 mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + (n * s_yn + h * s_yh + w * s_yw)[:, None] + cols[None, :] * s_yc,
+                mask=ok, other=0.0).to(tl.float32)
+    dz = activation_grad(dy, y, ACT, slope)
+    tl.store(dz_ptr + (n * s_dzn + h * s_dzh + w * s_dzw)[:, None] + cols[None, :] * s_dzc,
+             dz.to(dz_ptr.dtype.element_ty), mask=ok)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + cols, tl.sum(tl.where(ok, dz, 0.0), axis=0), mask=c_ok)
+
+
+def bias_activation_backward(dy: torch.Tensor, y: torch.Tensor, act: int, slope: float,
+                             has_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dz, dbias fp32 or None) for y = act(z + bias); tensors are 4-D [N, C, H, W] of any strides."""
+    N, C, H, W = y.shape
+    dz = new_output_like(y)
+    dbias = torch.zeros(C, device=y.device, dtype=torch.float32) if has_bias else dz
+    block_r, block_c = (128, 64) if INTERPRET else (64, 32)
+    grid = (triton.cdiv(N * H * W, block_r), triton.cdiv(C, block_c))
+    _bias_activation_backward_kernel[grid](
+        dy, y, dz, dbias, N * H * W, C, H * W, W, *dy.stride(), *y.stride(), *dz.stride(), slope,
+        ACT=act, HAS_BIAS=has_bias, BLOCK_R=block_r, BLOCK_C=block_c)
+    return dz, (dbias if has_bias else None)

@@ -1,0 +1,280 @@
+"""Training- and eval-mode BatchNorm pieces shared by the fused conv / linear + BN + activation ops.
+
+Forward: the producing GEMM's epilogue calls ``store_tile_stats`` with its fp32 accumulator, so the
+batch statistics come from registers instead of a second read of the conv output. Each tile stores
+its row count, mean and centred sum of squares (M2) per channel into a [tiles, C] partials buffer;
+``bn_finalize`` merges the tiles with Chan et al.'s parallel variance formula (1979, "Updating
+formulae and a pairwise algorithm for computing sample variances"), which, unlike
+E[z^2] - E[z]^2, does not cancel when |mean| >> std. It also updates the running statistics (unbiased
+variance, momentum) exactly as torch.nn.functional.batch_norm and folds gamma, beta, mean and invstd
+into one per-channel scale and shift, so normalize + activation is one pointwise pass.
+
+Backward: one pass reduces sum(dyb) and sum(dyb * xhat) per channel (dyb = dy through the activation
+mask, recomputed from the saved conv output z instead of saving xhat), a second writes
+dz = gamma * invstd * (dyb - mean(dyb) - xhat * mean(dyb * xhat)), the standard BatchNorm gradient
+(Ioffe & Szegedy 2015), which feeds the conv's dgrad and wgrad GEMMs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._activation import activation_grad, apply_activation
+from ._common import INTERPRET, new_output, new_output_like
+
+
+@triton.jit
+def store_tile_stats(acc, row_ok, cols, col_ok, tile, C, cnt_ptr, mean_ptr, m2_ptr):
+    """Per-channel (count, mean, M2) of the valid rows of an fp32 [rows, channels] tile, stored at
+    row ``tile`` of the [tiles, C] partials."""
+    rowf = row_ok.to(tl.float32)
+    cnt = tl.sum(rowf, axis=0)
+    mean = tl.sum(acc * rowf[:, None], axis=0) / tl.maximum(cnt, 1.0)
+    d = (acc - mean[None, :]) * rowf[:, None]
+    m2 = tl.sum(d * d, axis=0)
+    off = tile * C + cols
+    tl.store(cnt_ptr + off, mean * 0.0 + cnt, mask=col_ok)
+    tl.store(mean_ptr + off, mean, mask=col_ok)
+    tl.store(m2_ptr + off, m2, mask=col_ok)
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    cnt_ptr, pmean_ptr, pm2_ptr,         # [T, C] fp32 partials (training only)
+    gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,   # [C]
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # [C] fp32 outputs
+    T, C, momentum, eps,
+    TRAINING: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_BETA: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    if TRAINING:
+        n = tl.zeros((BLOCK_C,), tl.float32)
+        mean = tl.zeros((BLOCK_C,), tl.float32)
+        m2 = tl.zeros((BLOCK_C,), tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            ok = (rows < T)[:, None] & c_ok[None, :]
+            off = rows[:, None] * C + cols[None, :]
+            cnt = tl.load(cnt_ptr + off, mask=ok, other=0.0)
+            has = cnt > 0
+            # rows never written (count 0) may hold anything: select, never multiply, them away
+            pm = tl.where(has, tl.load(pmean_ptr + off, mask=ok, other=0.0), 0.0)
+            pm2 = tl.where(has, tl.load(pm2_ptr + off, mask=ok, other=0.0), 0.0)
+            nb = tl.sum(cnt, axis=0)
+            mb = tl.sum(cnt * pm, axis=0) / tl.maximum(nb, 1.0)
+            dm = tl.where(has, pm - mb[None, :], 0.0)
+            m2b = tl.sum(pm2 + cnt * dm * dm, axis=0)
+            # merge this block of tiles into the running (n, mean, M2)
+            ntot = n + nb
+            delta = mb - mean
+            frac = nb / tl.maximum(ntot, 1.0)
+            mean = mean + delta * frac
+            m2 = m2 + m2b + delta * delta * n * frac
+            n = ntot
+        var = m2 / tl.maximum(n, 1.0)
+        if UPDATE_RUNNING:
+            rm = tl.load(rmean_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+            rv = tl.load(rvar_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+            unbiased = m2 / tl.maximum(n - 1.0, 1.0)
+            tl.store(rmean_ptr + cols, ((1.0 - momentum) * rm + momentum * mean)
+                     .to(rmean_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(rvar_ptr + cols, ((1.0 - momentum) * rv + momentum * unbiased)
+                     .to(rvar_ptr.dtype.element_ty), mask=c_ok)
+    else:
+        mean = tl.load(rmean_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+        var = tl.load(rvar_ptr + cols, mask=c_ok, other=1.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    if HAS_AFFINE:
+        gamma = tl.load(gamma_ptr + cols, mask=c_ok, other=1.0).to(tl.float32)
+    else:
+        gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        beta = tl.zeros((BLOCK_C,), tl.float32)
+    scale = gamma * invstd
+    tl.store(mean_ptr + cols, mean, mask=c_ok)
+    tl.store(invstd_ptr + cols, invstd, mask=c_ok)
+    tl.store(scale_ptr + cols, scale, mask=c_ok)
+    tl.store(shift_ptr + cols, beta - mean * scale, mask=c_ok)
+
+
+class BatchNormStats:
+    """Per-channel fp32 statistics of one forward pass: what normalize and backward need."""
+
+    def __init__(self, mean, invstd, scale, shift, count):
+        self.mean, self.invstd, self.scale, self.shift, self.count = mean, invstd, scale, shift, count
+
+    def tensors(self):
+        return self.mean, self.invstd, self.scale, self.shift
+
+
+def new_partials(tiles: int, channels: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zeroed (count, mean, M2) partials for ``tiles`` tiles of ``channels`` channels."""
+    return tuple(torch.zeros((max(tiles, 1), channels), device=device, dtype=torch.float32)
+                 for _ in range(3))
+
+
+def bn_finalize(partials, channels: int, count: int, bn_weight, bn_bias, running_mean, running_var,
+                training: bool, momentum: float, eps: float, device) -> BatchNormStats:
+    """Batch (training) or running (eval) statistics -> per-channel mean, invstd, scale, shift; in
+    training also updates running_mean / running_var in place."""
+    out = [new_output(channels, torch.float32, device) for _ in range(4)]
+    dummy = out[0]
+    cnt, pmean, pm2 = partials if partials is not None else (dummy, dummy, dummy)
+    block_c = 64 if INTERPRET else 128
+    _bn_finalize_kernel[(triton.cdiv(channels, block_c),)](
+        cnt, pmean, pm2,
+        bn_weight if bn_weight is not None else dummy, bn_bias if bn_bias is not None else dummy,
+        running_mean if running_mean is not None else dummy,
+        running_var if running_var is not None else dummy,
+        *out, cnt.shape[0] if partials is not None else 0, channels, float(momentum), float(eps),
+        TRAINING=training, HAS_AFFINE=bn_weight is not None, HAS_BETA=bn_bias is not None,
+        UPDATE_RUNNING=training and running_mean is not None,
+        BLOCK_T=64 if INTERPRET else 32, BLOCK_C=block_c)
+    return BatchNormStats(*out, count)
+
+
+def _rows_grid(z, block_r, block_c):
+    N, C, H, W = z.shape
+    return (triton.cdiv(N * H * W, block_r), triton.cdiv(C, block_c))
+
+
+@triton.jit
+def _bn_activation_forward_kernel(
+    z_ptr, y_ptr, scale_ptr, shift_ptr,
+    ROWS, C, HW, W,
+    s_zn, s_zc, s_zh, s_zw, s_yn, s_yc, s_yh, s_yw,
+    slope,
+    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # y = act(z * scale + shift): BatchNorm and the activation in one read and one write of z.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    ok = (rows < ROWS)[:, None] & c_ok[None, :]
+    n = rows // HW
+    hw = rows % HW
+    h = hw // W
+    w = hw % W
+    z = tl.load(z_ptr + (n * s_zn + h * s_zh + w * s_zw)[:, None] + cols[None, :] * s_zc,
+                mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)
+    y = apply_activation(z * scale[None, :] + shift[None, :], ACT, slope)
+    tl.store(y_ptr + (n * s_yn + h * s_yh + w * s_yw)[:, None] + cols[None, :] * s_yc,
+             y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def bn_activation_forward(z: torch.Tensor, stats: BatchNormStats, act: int, slope: float,
+                          out: torch.Tensor) -> torch.Tensor:
+    """out = act(BN(z)) for 4-D z (a linear layer's [N, C] is viewed as [N, C, 1, 1])."""
+    N, C, H, W = z.shape
+    block_r, block_c = (128, 64) if INTERPRET else (64, 32)
+    _bn_activation_forward_kernel[_rows_grid(z, block_r, block_c)](
+        z, out, stats.scale, stats.shift, N * H * W, C, H * W, W, *z.stride(), *out.stride(), slope,
+        ACT=act, BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
+@triton.jit
+def _load_dyb_xhat(dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok,
+                   ROWS, HW, W, s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope,
+                   ACT: tl.constexpr):
+    ok = (rows < ROWS)[:, None] & c_ok[None, :]
+    n = rows // HW
+    hw = rows % HW
+    h = hw // W
+    w = hw % W
+    dy = tl.load(dy_ptr + (n * s_dyn + h * s_dyh + w * s_dyw)[:, None] + cols[None, :] * s_dyc,
+                 mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + (n * s_zn + h * s_zh + w * s_zw)[:, None] + cols[None, :] * s_zc,
+                mask=ok, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=c_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=c_ok, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)
+    # the forward output recomputed with the forward's exact arithmetic, so the activation mask
+    # matches the one torch would take from the saved output
+    y = apply_activation(z * scale[None, :] + shift[None, :], ACT, slope)
+    dyb = tl.where(ok, activation_grad(dy, y, ACT, slope), 0.0)
+    xhat = (z - mean[None, :]) * invstd[None, :]
+    return dyb, xhat, ok, n, h, w
+
+
+@triton.jit
+def _bn_activation_backward_reduce_kernel(
+    dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
+    ROWS, C, HW, W,
+    s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw,
+    slope,
+    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    dyb, xhat, ok, n, h, w = _load_dyb_xhat(
+        dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok, ROWS, HW, W,
+        s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope, ACT)
+    tl.atomic_add(sum_dy_ptr + cols, tl.sum(dyb, axis=0), mask=c_ok)
+    tl.atomic_add(sum_dy_xhat_ptr + cols, tl.sum(tl.where(ok, dyb * xhat, 0.0), axis=0), mask=c_ok)
+
+
+@triton.jit
+def _bn_activation_backward_dz_kernel(
+    dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
+    dz_ptr, dbias_ptr,
+    ROWS, C, HW, W,
+    s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, s_dzn, s_dzc, s_dzh, s_dzw,
+    slope, inv_count,
+    ACT: tl.constexpr, TRAINING: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    dyb, xhat, ok, n, h, w = _load_dyb_xhat(
+        dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok, ROWS, HW, W,
+        s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope, ACT)
+    scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)  # gamma * invstd
+    if TRAINING:
+        # batch statistics depend on every sample: subtract the mean gradient and its projection
+        # on xhat
+        mdy = tl.load(sum_dy_ptr + cols, mask=c_ok, other=0.0) * inv_count
+        mdyx = tl.load(sum_dy_xhat_ptr + cols, mask=c_ok, other=0.0) * inv_count
+        dz = (dyb - mdy[None, :] - xhat * mdyx[None, :]) * scale[None, :]
+    else:
+        dz = dyb * scale[None, :]
+    tl.store(dz_ptr + (n * s_dzn + h * s_dzh + w * s_dzw)[:, None] + cols[None, :] * s_dzc,
+             dz.to(dz_ptr.dtype.element_ty), mask=ok)
+    if BIAS_GRAD:
+        # the gradient of a bias added before BatchNorm (Linear's): sum of dz, ~0 in training
+        tl.atomic_add(dbias_ptr + cols, tl.sum(tl.where(ok, dz, 0.0), axis=0), mask=c_ok)
+
+
+def bn_activation_backward(dy: torch.Tensor, z: torch.Tensor, stats: BatchNormStats, act: int,
+                           slope: float, training: bool, bias_grad: bool = False):
+    """(dz, dgamma fp32 [C], dbeta fp32 [C]) for y = act(BN(z)); 4-D tensors of any strides. With
+    ``bias_grad`` a fourth item, the fp32 [C] gradient of a bias added to z's producer."""
+    N, C, H, W = z.shape
+    sum_dy = torch.zeros(C, device=z.device, dtype=torch.float32)
+    sum_dy_xhat = torch.zeros(C, device=z.device, dtype=torch.float32)
+    block_r, block_c = (128, 64) if INTERPRET else (64, 32)
+    grid = _rows_grid(z, block_r, block_c)
+    common = (N * H * W, C, H * W, W, *dy.stride(), *z.stride())
+    _bn_activation_backward_reduce_kernel[grid](
+        dy, z, *stats.tensors(), sum_dy, sum_dy_xhat, *common, slope,
+        ACT=act, BLOCK_R=block_r, BLOCK_C=block_c)
+    dz = new_output_like(z)
+    dbias = torch.zeros(C, device=z.device, dtype=torch.float32) if bias_grad else sum_dy
+    _bn_activation_backward_dz_kernel[grid](
+        dy, z, *stats.tensors(), sum_dy, sum_dy_xhat, dz, dbias, *common, *dz.stride(), slope,
+        1.0 / stats.count, ACT=act, TRAINING=training, BIAS_GRAD=bias_grad,
+        BLOCK_R=block_r, BLOCK_C=block_c)
+    if bias_grad:
+        return dz, sum_dy_xhat, sum_dy, dbias
+    return dz, sum_dy_xhat, sum_dy

@@ -1,0 +1,145 @@
+"""Helpers shared by every Triton op: where the kernels run, launch configurations, argument checks and
+output allocation in the input's memory format."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# TRITON_INTERPRET=1 runs every kernel through Triton's numpy interpreter on the CPU. It is exact but
+# pays per program and per loop step, so it gets one large tile configuration and no autotuning;
+# on a GPU the small config spaces below are autotuned per shape.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Testing hook: when True every kernel output buffer starts as NaN, so an element a kernel forgets to
+# write fails the comparison instead of passing on whatever the allocator returned.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """An output buffer for a kernel to fill (NaN-filled under POISON_OUTPUTS)."""
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def new_output_like(t: torch.Tensor) -> torch.Tensor:
+    """new_output with t's shape, dtype, device and strides (t dense)."""
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def configs(gpu: list[tuple[dict, int, int]], interpret: dict, pre_hook=None) -> list[triton.Config]:
+    """Autotune candidates: ``gpu`` as (meta-parameters, num_warps, num_stages), or the single
+    interpreter config. ``pre_hook`` zeroes accumulation buffers before every run of every config:
+    the autotuner benchmarks each config on the real arguments, so atomically accumulated outputs
+    would otherwise carry the sums of the benchmark runs."""
+    if INTERPRET:
+        return [triton.Config(interpret, num_warps=4, num_stages=1, pre_hook=pre_hook)]
+    return [triton.Config(meta, num_warps=w, num_stages=s, pre_hook=pre_hook) for meta, w, s in gpu]
+
+
+def zero_args(*names: str):
+    """A config pre_hook that zeroes the named tensor arguments."""
+    def hook(nargs):
+        for name in names:
+            nargs[name].zero_()
+    return hook
+
+
+def pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < 0 for v in value):
+        raise ValueError(f"{name} must be non-negative, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def check_tensor(t, name: str, dim: int | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None, shape: tuple | None = None) -> None:
+    """Raise TypeError / ValueError / RuntimeError with a message instead of launching a kernel on a
+    tensor it can't handle."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if dtype is None and t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the input's), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise RuntimeError(f"{name} is on {t.device} but the input is on {device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_input(x, name: str, dim: int) -> None:
+    check_tensor(x, name, dim=dim)
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"the triton ops run on CUDA tensors, {name} is on {x.device} "
+                           "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU)")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+
+
+def check_bn(x: torch.Tensor, channels: int, bn_weight, bn_bias, running_mean, running_var,
+             training: bool, count: int) -> None:
+    """The BatchNorm arguments of a fused op, as torch.nn.functional.batch_norm would check them."""
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None:
+            check_tensor(t, name, dim=1, device=x.device, shape=(channels,))
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("training=False normalizes with the running statistics, which are None")
+    if training and count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} "
+                         "(batch x spatial size)")
+
+
+def empty_like_format(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    """An uninitialised 4-D tensor of ``shape`` in ``x``'s memory format (channels_last stays
+    channels_last; anything else becomes NCHW-contiguous)."""
+    fmt = torch.contiguous_format
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    return new_output(shape, dtype or x.dtype, x.device, fmt)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def check_weight(x: torch.Tensor, weight, in_channels_dim: int, name: str = "weight",
+                 dim: int = 4) -> None:
+    """weight has x's device and dtype, ``dim`` dims, and x's channel count along in_channels_dim
+    (0 for a ConvTranspose2d weight [Cin, Cout, kh, kw], 1 for a Conv2d / Linear weight)."""
+    check_tensor(weight, name, dim=dim, device=x.device)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {weight.dtype} but the input has {x.dtype}; cast both to one "
+                        "dtype (the fused modules do this under autocast)")
+    if weight.shape[in_channels_dim] != x.shape[1]:
+        raise ValueError(f"the input has {x.shape[1]} channels but {name} of shape {tuple(weight.shape)} "
+                         f"expects {weight.shape[in_channels_dim]}")
+    if weight.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(weight.shape)})")
+
+
+def check_bias(x: torch.Tensor, bias, channels: int, name: str = "bias") -> None:
+    if bias is not None:
+        check_tensor(bias, name, dim=1, device=x.device, shape=(channels,))
+
+
+def grad_of(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    """An fp32 gradient buffer returned in its parameter's dtype."""
+    if grad is None or like is None:
+        return None
+    return grad.to(like.dtype)

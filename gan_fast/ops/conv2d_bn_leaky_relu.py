@@ -1,0 +1,99 @@
+"""Conv2d(bias=False) -> BatchNorm2d -> LeakyReLU, the DCGAN discriminator block.
+
+Forward: one implicit-GEMM conv (``_conv.conv2d_forward``) whose epilogue stores BatchNorm partial
+statistics, a tiny merge + running-stat kernel, one pointwise normalize + LeakyReLU pass. Backward:
+dz from two pointwise passes over (dy, z); the input gradient of the strided conv runs as a
+sub-pixel-decomposed transposed conv (no multiplications by the zeros a dilated dy would hold), the
+weight gradient as a split-K GEMM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._activation import LEAKY_RELU
+from ._batchnorm import BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize
+from ._common import check_bn, check_input, check_weight, empty_like_format, grad_of, pair
+from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
+
+
+def conv2d_bn_leaky_relu_reference(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
+                                   stride, padding, training, momentum, eps, negative_slope):
+    """The composition of torch ops this op must equal."""
+    z = F.conv2d(x, weight, None, stride, padding)
+    z = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return F.leaky_relu(z, negative_slope)
+
+
+def conv2d_bn_leaky_relu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                                 padding, training, momentum, eps, slope):
+    z, partials = conv2d_forward(x, weight, None, stride, padding, stats=training)
+    N, C, OH, OW = z.shape
+    stats = bn_finalize(partials, C, N * OH * OW, bn_weight, bn_bias, running_mean, running_var,
+                        training, momentum, eps, x.device)
+    y = bn_activation_forward(z, stats, LEAKY_RELU, slope, empty_like_format(z, z.shape))
+    return y, z, stats
+
+
+def conv2d_bn_leaky_relu_backward(dy, x, weight, z, stats, stride, padding, training, slope, needs):
+    dz, dgamma, dbeta = bn_activation_backward(dy, z, stats, LEAKY_RELU, slope, training)
+    dx = dw = None
+    if needs[0]:
+        dx, _ = conv_transpose2d_forward(dz, weight, None, stride, padding, out_hw=x.shape[2:])
+    if needs[1]:
+        dw = conv_weight_grad(dz, x, weight.shape[2:], stride, padding)
+    return dx, dw, dgamma, dbeta
+
+
+class Conv2dBatchNormLeakyReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                training, momentum, eps, slope):
+        y, z, stats = conv2d_bn_leaky_relu_forward(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, training,
+            momentum, eps, slope)
+        ctx.save_for_backward(x, weight, z, *stats.tensors())
+        ctx.conf = (stride, padding, training, stats.count, slope)
+        ctx.affine_dtypes = tuple(t.dtype if t is not None else None for t in (bn_weight, bn_bias))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, z, *stat_tensors = ctx.saved_tensors
+        stride, padding, training, count, slope = ctx.conf
+        dx, dw, dgamma, dbeta = conv2d_bn_leaky_relu_backward(
+            dy, x, weight, z, BatchNormStats(*stat_tensors, count), stride, padding, training, slope,
+            ctx.needs_input_grad[:2])
+        gamma_dtype, beta_dtype = ctx.affine_dtypes
+        return (dx, grad_of(dw, weight),
+                dgamma.to(gamma_dtype) if ctx.needs_input_grad[2] else None,
+                dbeta.to(beta_dtype) if ctx.needs_input_grad[3] else None,
+                None, None, None, None, None, None, None, None)
+
+
+def check_slope(negative_slope) -> float:
+    slope = float(negative_slope)
+    if slope < 0:
+        # the backward takes LeakyReLU's mask from its output (as torch's in-place LeakyReLU does),
+        # which only identifies the negative inputs when the slope is >= 0
+        raise ValueError(f"negative_slope must be >= 0, got {slope}")
+    return slope
+
+
+def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
+                         stride, padding, training, momentum, eps, negative_slope):
+    """leaky_relu(batch_norm(conv2d(x, weight, stride, padding))), fused; see docs/ops.md."""
+    check_input(x, "x", 4)
+    check_weight(x, weight, 1)
+    stride, padding = pair(stride, "stride"), pair(padding, "padding")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    OH = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    OW = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
+    if OH <= 0 or OW <= 0:
+        raise ValueError(f"the kernel {tuple(weight.shape[2:])} is larger than the padded input")
+    check_bn(x, weight.shape[0], bn_weight, bn_bias, running_mean, running_var, training,
+             x.shape[0] * OH * OW)
+    return Conv2dBatchNormLeakyReLUFunction.apply(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, bool(training),
+        float(momentum or 0.0), float(eps), check_slope(negative_slope))

@@ -1,0 +1,67 @@
+"""Conv2d (+ bias) -> LeakyReLU, the discriminator's first layer (no BatchNorm on D's input, Radford
+et al. 2015 sec. 3).
+
+Forward: one implicit-GEMM conv with bias and LeakyReLU in its epilogue; only the output is saved.
+Backward: one pointwise pass turns dy into dz with the mask read from the output and reduces the bias
+gradient on the way; then the sub-pixel transposed conv (input gradient) and the split-K GEMM (weight
+gradient).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._activation import LEAKY_RELU, bias_activation_backward
+from ._common import check_bias, check_input, check_weight, grad_of, pair
+from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
+from .conv2d_bn_leaky_relu import check_slope
+
+
+def conv2d_leaky_relu_reference(x, weight, bias, *, stride, padding, negative_slope):
+    """The composition of torch ops this op must equal."""
+    return F.leaky_relu(F.conv2d(x, weight, bias, stride, padding), negative_slope)
+
+
+def conv2d_leaky_relu_forward(x, weight, bias, stride, padding, slope):
+    y, _ = conv2d_forward(x, weight, bias, stride, padding, act=LEAKY_RELU, slope=slope)
+    return y
+
+
+def conv2d_leaky_relu_backward(dy, x, weight, y, stride, padding, slope, needs):
+    dz, dbias = bias_activation_backward(dy, y, LEAKY_RELU, slope, has_bias=needs[2])
+    dx = dw = None
+    if needs[0]:
+        dx, _ = conv_transpose2d_forward(dz, weight, None, stride, padding, out_hw=x.shape[2:])
+    if needs[1]:
+        dw = conv_weight_grad(dz, x, weight.shape[2:], stride, padding)
+    return dx, dw, dbias
+
+
+class Conv2dLeakyReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, slope):
+        y = conv2d_leaky_relu_forward(x, weight, bias, stride, padding, slope)
+        ctx.save_for_backward(x, weight, y)
+        ctx.conf = (stride, padding, slope)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, y = ctx.saved_tensors
+        stride, padding, slope = ctx.conf
+        dx, dw, dbias = conv2d_leaky_relu_backward(dy, x, weight, y, stride, padding, slope,
+                                                   ctx.needs_input_grad[:3])
+        return dx, grad_of(dw, weight), (dbias.to(ctx.bias_dtype) if dbias is not None else None), \
+            None, None, None
+
+
+def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope):
+    """leaky_relu(conv2d(x, weight, bias, stride, padding)), fused; see docs/ops.md."""
+    check_input(x, "x", 4)
+    check_weight(x, weight, 1)
+    check_bias(x, bias, weight.shape[0])
+    stride, padding = pair(stride, "stride"), pair(padding, "padding")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    return Conv2dLeakyReLUFunction.apply(x, weight, bias, stride, padding, check_slope(negative_slope))

@@ -1,0 +1,96 @@
+"""Linear (+ bias) -> BatchNorm1d -> LeakyReLU, the MLP GAN block.
+
+A Linear layer is a 1x1 convolution of a 1x1 image, so x [N, in] is viewed as [N, in, 1, 1] and runs
+through the same implicit-GEMM kernels as the conv ops: the GEMM's epilogue adds the bias and stores
+the BatchNorm partial statistics, one pointwise pass normalizes and applies LeakyReLU. The bias does
+not change the training-mode output (BatchNorm subtracts the batch mean) but does move running_mean,
+so it is applied exactly where nn.Linear applies it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._activation import LEAKY_RELU
+from ._batchnorm import BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize
+from ._common import check_bias, check_bn, check_input, check_weight, grad_of, new_output_like
+from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
+from .conv2d_bn_leaky_relu import check_slope
+
+_ONE, _ZERO = (1, 1), (0, 0)
+
+
+def linear_bn_leaky_relu_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
+                                   training, momentum, eps, negative_slope):
+    """The composition of torch ops this op must equal."""
+    z = F.batch_norm(F.linear(x, weight, bias), running_mean, running_var, bn_weight, bn_bias, training,
+                     momentum, eps)
+    return F.leaky_relu(z, negative_slope)
+
+
+def _as_image(t: torch.Tensor) -> torch.Tensor:
+    return t[:, :, None, None]
+
+
+def linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                 training, momentum, eps, slope):
+    z4, partials = conv2d_forward(_as_image(x), _as_image(weight), bias, _ONE, _ZERO, stats=training)
+    z = z4[:, :, 0, 0]
+    stats = bn_finalize(partials, z.shape[1], z.shape[0], bn_weight, bn_bias, running_mean, running_var,
+                        training, momentum, eps, x.device)
+    y = new_output_like(z)
+    bn_activation_forward(z4, stats, LEAKY_RELU, slope, _as_image(y))
+    return y, z, stats
+
+
+def linear_bn_leaky_relu_backward(dy, x, weight, z, stats, training, slope, needs):
+    dz4, dgamma, dbeta, *dbias = bn_activation_backward(_as_image(dy), _as_image(z), stats, LEAKY_RELU,
+                                                        slope, training, bias_grad=needs[2])
+    dbias = dbias[0] if dbias else None
+    dx = dw = None
+    if needs[0]:
+        # dx = dz @ W: the transposed 1x1 conv, whose weight layout [in_T, out_T] is W [out, in]
+        dx4, _ = conv_transpose2d_forward(dz4, _as_image(weight), None, _ONE, _ZERO)
+        dx = dx4[:, :, 0, 0]
+    if needs[1]:
+        dw = conv_weight_grad(dz4, _as_image(x), (1, 1), _ONE, _ZERO)[:, :, 0, 0]
+    return dx, dw, dbias, dgamma, dbeta
+
+
+class LinearBatchNormLeakyReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                eps, slope):
+        y, z, stats = linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                                   running_var, training, momentum, eps, slope)
+        ctx.save_for_backward(x, weight, z, *stats.tensors())
+        ctx.conf = (training, stats.count, slope)
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, bn_weight, bn_bias))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, z, *stat_tensors = ctx.saved_tensors
+        training, count, slope = ctx.conf
+        dx, dw, dbias, dgamma, dbeta = linear_bn_leaky_relu_backward(
+            dy, x, weight, z, BatchNormStats(*stat_tensors, count), training, slope,
+            ctx.needs_input_grad[:3])
+        bias_dtype, gamma_dtype, beta_dtype = ctx.dtypes
+        return (dx, grad_of(dw, weight), dbias.to(bias_dtype) if dbias is not None else None,
+                dgamma.to(gamma_dtype) if ctx.needs_input_grad[3] else None,
+                dbeta.to(beta_dtype) if ctx.needs_input_grad[4] else None,
+                None, None, None, None, None, None)
+
+
+def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
+                         training, momentum, eps, negative_slope):
+    """leaky_relu(batch_norm(linear(x, weight, bias))) for x [N, in], fused; see docs/ops.md."""
+    check_input(x, "x", 2)
+    check_weight(x, weight, 1, dim=2)
+    check_bias(x, bias, weight.shape[0])
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias has dtype {bias.dtype} but the input has {x.dtype}")
+    check_bn(x, weight.shape[0], bn_weight, bn_bias, running_mean, running_var, training, x.shape[0])
+    return LinearBatchNormLeakyReLUFunction.apply(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
+        float(momentum or 0.0), float(eps), check_slope(negative_slope))
