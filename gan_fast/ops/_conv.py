@@ -54,13 +54,26 @@ _WGRAD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
 
 
 @triton.jit
-def mma(a, b, acc, DOT_FP32: tl.constexpr):
+def mma(a, b, acc, DOT_FP32: tl.constexpr, TF32: tl.constexpr):
     """acc += a @ b in fp32. The interpreter's tl.dot mishandles bfloat16 (numpy has no bf16), so
     there the operands are widened first: products of two 16-bit floats are exact in fp32, which
-    makes this the same arithmetic as the GPU's 16-bit MMA with an fp32 accumulator."""
+    makes this the same arithmetic as the GPU's 16-bit MMA with an fp32 accumulator. fp32 operands
+    use TF32 tensor cores exactly when PyTorch would for the same layer (``tf32_allowed``)."""
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    if TF32:
+        return tl.dot(a, b.to(a.dtype), acc=acc, input_precision="tf32")
     return tl.dot(a, b.to(a.dtype), acc=acc, input_precision="ieee")
+
+
+def tf32_allowed(x: torch.Tensor, matmul: bool = False) -> bool:
+    """Whether PyTorch itself would run this fp32 layer on TF32 tensor cores: convolutions follow
+    torch.backends.cudnn.allow_tf32 (default on), matmuls torch.backends.cuda.matmul.allow_tf32
+    (default off). The accuracy tests hold the fused op to 2x PyTorch's own error, so matching its
+    precision choice is what makes the comparison fair in both directions."""
+    if INTERPRET or x.dtype != torch.float32:
+        return False
+    return bool(torch.backends.cuda.matmul.allow_tf32 if matmul else torch.backends.cudnn.allow_tf32)
 
 
 @triton.autotune(configs=configs(_GEMM_GPU, _GEMM_INTERPRET, pre_hook=zero_args("cnt_ptr")),
@@ -73,7 +86,8 @@ def _conv2d_kernel(
     s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww, s_yn, s_yc, s_yh, s_yw,
     slope,
     UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -106,7 +120,7 @@ def _conv2d_kernel(
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_col[None, :] + ck[:, None] * s_wi,
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = mma(a, b, acc, DOT_FP32)
+                acc = mma(a, b, acc, DOT_FP32, TF32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if STATS:
@@ -128,7 +142,8 @@ def _conv_transpose2d_kernel(
     s_xn, s_xc, s_xh, s_xw, s_wi, s_wo, s_wh, s_ww, s_yn, s_yc, s_yh, s_yw,
     slope,
     UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # y[n, co, oh, ow] = sum x[n, ci, ih, iw] * w[ci, co, kh, kw] over ih*s - pad + kh == oh.
     # Output rows with (oh + pad) % s == ph only meet taps kh = ph + s*j, at input row
@@ -178,7 +193,7 @@ def _conv_transpose2d_kernel(
                                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                         b = tl.load(w_col[None, :] + ck[:, None] * s_wi,
                                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                        acc = mma(a, b, acc, DOT_FP32)
+                        acc = mma(a, b, acc, DOT_FP32, TF32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if STATS:
@@ -197,7 +212,7 @@ def _conv_weight_grad_kernel(
     N, CA, P, Q, CB, HB, WB, KH, KW,           # A [N, CA, P, Q], B [N, CB, HB, WB], dw [CA, CB, KH, KW]
     stride_h, stride_w, pad_h, pad_w,
     s_an, s_ac, s_ah, s_aw, s_bn, s_bc, s_bh, s_bw,
-    UP: tl.constexpr, DOT_FP32: tl.constexpr,
+    UP: tl.constexpr, DOT_FP32: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -235,7 +250,7 @@ def _conv_weight_grad_kernel(
         iw = tl.where(b_ok, iwu, 0) // UP
         b = tl.load(b_ptr + nb[:, None] * s_bn + cb[None, :] * s_bc + ih * s_bh + iw * s_bw,
                     mask=b_ok, other=0.0)
-        acc = mma(a, b, acc, DOT_FP32)
+        acc = mma(a, b, acc, DOT_FP32, TF32)
     tl.atomic_add(dw_ptr + offs_m[:, None] * (CB * KH * KW) + offs_j[None, :], acc,
                   mask=m_ok[:, None] & j_ok[None, :])
 
@@ -247,7 +262,8 @@ def _no_partials(device):
 
 
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, *, upsample: int = 1,
-                   act: int = NONE, slope: float = 0.0, stats: bool = False, out_dtype=None):
+                   act: int = NONE, slope: float = 0.0, stats: bool = False, out_dtype=None,
+                   tf32: bool | None = None):
     """Direct conv of x [N, Ci, H, W] (read as nearest-upsampled by ``upsample``) with weight
     [Co, Ci, KH, KW]. Returns (y in x's memory format, BatchNorm partials or None)."""
     N, C_in, H, W = x.shape
@@ -267,13 +283,14 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding,
         x, weight, bias if bias is not None else weight, y, cnt, pmean, pm2,
         N, C_in, H, W, C_out, OH, OW, KH, KW, sh, sw, ph, pw,
         *x.stride(), *weight.stride(), *y.stride(), float(slope),
-        UP=upsample, HAS_BIAS=bias is not None, ACT=act, STATS=stats, DOT_FP32=INTERPRET)
+        UP=upsample, HAS_BIAS=bias is not None, ACT=act, STATS=stats, DOT_FP32=INTERPRET,
+        TF32=tf32_allowed(x) if tf32 is None else tf32)
     return y, partials
 
 
 def conv_transpose2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, out_hw=None,
                              *, upsample: int = 1, act: int = NONE, slope: float = 0.0,
-                             stats: bool = False, out_dtype=None):
+                             stats: bool = False, out_dtype=None, tf32: bool | None = None):
     """Transposed conv of x [N, Ci, H, W] with weight [Ci, Co, KH, KW]; ``out_hw`` fixes the output
     size (a strided conv's input gradient), else (H-1)*s - 2*pad + K. With ``upsample=2`` the result
     is summed over 2x2 blocks (the input gradient of nearest-x2 upsample + stride-1 conv, out_hw then
@@ -304,12 +321,13 @@ def conv_transpose2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride
         x, weight, bias if bias is not None else weight, y, cnt, pmean, pm2,
         N, C_in, H, W, C_out, OH, OW, KH, KW, sh, sw, ph, pw, ph_rows, ph_cols,
         *x.stride(), *weight.stride(), *y.stride(), float(slope),
-        UP=upsample, HAS_BIAS=bias is not None, ACT=act, STATS=stats, DOT_FP32=INTERPRET)
+        UP=upsample, HAS_BIAS=bias is not None, ACT=act, STATS=stats, DOT_FP32=INTERPRET,
+        TF32=tf32_allowed(x) if tf32 is None else tf32)
     return y, partials
 
 
 def conv_weight_grad(a: torch.Tensor, b: torch.Tensor, kernel_hw, stride, padding, *,
-                     upsample: int = 1) -> torch.Tensor:
+                     upsample: int = 1, tf32: bool | None = None) -> torch.Tensor:
     """fp32 dW[CA, CB, KH, KW] = sum_{n,p,q} a[n, :, p, q] (x) b_up[n, :, p*s - pad + kh, q*s - pad + kw]
     where b_up is b nearest-upsampled by ``upsample``."""
     N, CA, P, Q = a.shape
@@ -329,5 +347,5 @@ def conv_weight_grad(a: torch.Tensor, b: torch.Tensor, kernel_hw, stride, paddin
 
     _conv_weight_grad_kernel[grid](
         a, b, dw, N, CA, P, Q, CB, HB, WB, KH, KW, sh, sw, ph, pw, *a.stride(), *b.stride(),
-        UP=upsample, DOT_FP32=INTERPRET)
+        UP=upsample, DOT_FP32=INTERPRET, TF32=tf32_allowed(a) if tf32 is None else tf32)
     return dw

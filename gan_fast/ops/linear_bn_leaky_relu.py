@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ._activation import LEAKY_RELU
 from ._batchnorm import BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize
 from ._common import check_bias, check_bn, check_input, check_weight, grad_of, new_output_like
-from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
+from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad, tf32_allowed
 from .conv2d_bn_leaky_relu import check_slope
 
 _ONE, _ZERO = (1, 1), (0, 0)
@@ -34,7 +34,8 @@ def _as_image(t: torch.Tensor) -> torch.Tensor:
 
 def linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                  training, momentum, eps, slope):
-    z4, partials = conv2d_forward(_as_image(x), _as_image(weight), bias, _ONE, _ZERO, stats=training)
+    z4, partials = conv2d_forward(_as_image(x), _as_image(weight), bias, _ONE, _ZERO, stats=training,
+                                 tf32=tf32_allowed(x, matmul=True))
     z = z4[:, :, 0, 0]
     stats = bn_finalize(partials, z.shape[1], z.shape[0], bn_weight, bn_bias, running_mean, running_var,
                         training, momentum, eps, x.device)
@@ -50,10 +51,12 @@ def linear_bn_leaky_relu_backward(dy, x, weight, z, stats, training, slope, need
     dx = dw = None
     if needs[0]:
         # dx = dz @ W: the transposed 1x1 conv, whose weight layout [in_T, out_T] is W [out, in]
-        dx4, _ = conv_transpose2d_forward(dz4, _as_image(weight), None, _ONE, _ZERO)
+        dx4, _ = conv_transpose2d_forward(dz4, _as_image(weight), None, _ONE, _ZERO,
+                                          tf32=tf32_allowed(dz4, matmul=True))
         dx = dx4[:, :, 0, 0]
     if needs[1]:
-        dw = conv_weight_grad(dz4, _as_image(x), (1, 1), _ONE, _ZERO)[:, :, 0, 0]
+        dw = conv_weight_grad(dz4, _as_image(x), (1, 1), _ONE, _ZERO,
+                              tf32=tf32_allowed(x, matmul=True))[:, :, 0, 0]
     return dx, dw, dbias, dgamma, dbeta
 
 
