@@ -67,6 +67,8 @@ class FoldedBatchNorm(nn.Module):
         self.affine, self.track_running_stats = bn.affine, bn.track_running_stats
         self.kind = type(bn).__name__
         self.training = bn.training
+        self.sync = isinstance(bn, nn.SyncBatchNorm)
+        self.process_group = getattr(bn, "process_group", None)
 
     def forward(self, x):
         return x
@@ -87,6 +89,17 @@ class FoldedBatchNorm(nn.Module):
         track = not training or self.track_running_stats
         return (self.running_mean if track else None, self.running_var if track else None,
                 use_batch_stats, momentum)
+
+    def sync_group(self, use_batch_stats: bool):
+        """The process group to synchronise batch statistics over, or None: as nn.SyncBatchNorm, only
+        in training with torch.distributed initialised and more than one rank."""
+        import torch.distributed as dist
+
+        if not (self.sync and use_batch_stats and self.training and dist.is_available()
+                and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
 
 
 class FoldedLayer(nn.Identity):
@@ -133,8 +146,11 @@ class _Fused(nn.Module):
     def bn_kwargs(self):
         bn = self.folded_bn
         running_mean, running_var, use_batch_stats, momentum = bn.batch_norm_args(self.training)
-        return (bn.weight, bn.bias, running_mean, running_var), dict(training=use_batch_stats,
-                                                                     momentum=momentum, eps=bn.eps)
+        kwargs = dict(training=use_batch_stats, momentum=momentum, eps=bn.eps)
+        group = bn.sync_group(use_batch_stats)
+        if group is not None:  # SyncBatchNorm: statistics over every rank's batch
+            kwargs["process_group"] = group
+        return (bn.weight, bn.bias, running_mean, running_var), kwargs
 
     def extra_repr(self) -> str:
         shape = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -229,7 +245,8 @@ def _plain_conv(m: nn.Module, cls, bias_ok: bool) -> bool:
 
 
 def _bn(m: nn.Module, cls, features: int) -> bool:
-    return type(m) is cls and m.num_features == features
+    # SyncBatchNorm (after nn.SyncBatchNorm.convert_sync_batchnorm) stands in for either dimension
+    return type(m) in (cls, nn.SyncBatchNorm) and m.num_features == features
 
 
 def _leaky(m: nn.Module) -> bool:

@@ -104,10 +104,14 @@ def _bn_finalize_kernel(
 
 
 class BatchNormStats:
-    """Per-channel fp32 statistics of one forward pass: what normalize and backward need."""
+    """Per-channel fp32 statistics of one forward pass: what normalize and backward need. ``count`` is
+    the number of values per channel the statistics cover (over every rank when synchronised);
+    ``process_group`` is set when they are synchronised (SyncBatchNorm), so backward reduces over the
+    same group."""
 
-    def __init__(self, mean, invstd, scale, shift, count):
+    def __init__(self, mean, invstd, scale, shift, count, process_group=None):
         self.mean, self.invstd, self.scale, self.shift, self.count = mean, invstd, scale, shift, count
+        self.process_group = process_group
 
     def tensors(self):
         return self.mean, self.invstd, self.scale, self.shift
@@ -119,10 +123,46 @@ def new_partials(tiles: int, channels: int, device) -> tuple[torch.Tensor, torch
                  for _ in range(3))
 
 
+def sync_partials(partials, channels: int, process_group):
+    """SyncBatchNorm's one collective: this rank's tile partials merged to one (count, mean, M2) row
+    per channel, gathered from every rank of ``process_group`` and merged again (Chan et al.), as one
+    row of partials for ``bn_finalize``. Gathering (count, mean, M2) rather than summing (sum, sum of
+    squares) keeps the variance free of cancellation, as nn.SyncBatchNorm does by gathering means and
+    variances. The ranks' batches may differ in size: counts are gathered too. Returns (partials,
+    total count as a device tensor)."""
+    import torch.distributed as dist
+
+    cnt, pmean, pm2 = partials
+    has = cnt > 0  # rows no tile wrote (autotune runs of smaller tiles) hold nothing to merge
+    n = cnt.sum(0)
+    mean = torch.where(has, cnt * pmean, 0.0).sum(0) / n.clamp_min(1.0)
+    m2 = torch.where(has, pm2 + cnt * (pmean - mean) ** 2, 0.0).sum(0)
+    local = torch.stack([n, mean, m2])                                  # [3, C]
+    world = dist.get_world_size(process_group)
+    gathered = local.new_empty((world * 3, channels))  # rank-major concatenation (gloo and NCCL)
+    # all_gather_single is the newer name (torch >= 2.13) of all_gather_into_tensor
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, local, group=process_group)
+    n_r, mean_r, m2_r = gathered.view(world, 3, channels).unbind(1)     # [world, C] each
+    n = n_r.sum(0)
+    mean = (n_r * mean_r).sum(0) / n.clamp_min(1.0)
+    m2 = (m2_r + n_r * (mean_r - mean) ** 2).sum(0)
+    return (n[None], mean[None], m2[None]), n
+
+
 def bn_finalize(partials, channels: int, count: int, bn_weight, bn_bias, running_mean, running_var,
-                training: bool, momentum: float, eps: float, device) -> BatchNormStats:
+                training: bool, momentum: float, eps: float, device, process_group=None) -> BatchNormStats:
     """Batch (training) or running (eval) statistics -> per-channel mean, invstd, scale, shift; in
-    training also updates running_mean / running_var in place."""
+    training also updates running_mean / running_var in place. With ``process_group`` (training only)
+    the batch statistics are those of the union of every rank's batch (SyncBatchNorm); ranks are
+    assumed to hold batches of equal size for the backward's 1/count (the trainer's are)."""
+    if training and process_group is not None:
+        import torch.distributed as dist
+
+        partials, _ = sync_partials(partials, channels, process_group)
+        count = count * dist.get_world_size(process_group)
+    else:
+        process_group = None
     out = [new_output(channels, torch.float32, device) for _ in range(4)]
     dummy = out[0]
     cnt, pmean, pm2 = partials if partials is not None else (dummy, dummy, dummy)
@@ -136,7 +176,7 @@ def bn_finalize(partials, channels: int, count: int, bn_weight, bn_bias, running
         TRAINING=training, HAS_AFFINE=bn_weight is not None, HAS_BETA=bn_bias is not None,
         UPDATE_RUNNING=training and running_mean is not None,
         BLOCK_T=64 if INTERPRET else 32, BLOCK_C=block_c)
-    return BatchNormStats(*out, count)
+    return BatchNormStats(*out, count, process_group)
 
 
 def _rows_grid(z, block_r, block_c):
@@ -261,20 +301,30 @@ def bn_activation_backward(dy: torch.Tensor, z: torch.Tensor, stats: BatchNormSt
     """(dz, dgamma fp32 [C], dbeta fp32 [C]) for y = act(BN(z)); 4-D tensors of any strides. With
     ``bias_grad`` a fourth item, the fp32 [C] gradient of a bias added to z's producer."""
     N, C, H, W = z.shape
-    sum_dy = torch.zeros(C, device=z.device, dtype=torch.float32)
-    sum_dy_xhat = torch.zeros(C, device=z.device, dtype=torch.float32)
+    sums = torch.zeros((2, C), device=z.device, dtype=torch.float32)
+    sum_dy, sum_dy_xhat = sums[0], sums[1]
     block_r, block_c = (128, 64) if INTERPRET else (64, 32)
     grid = _rows_grid(z, block_r, block_c)
     common = (N * H * W, C, H * W, W, *dy.stride(), *z.stride())
     _bn_activation_backward_reduce_kernel[grid](
         dy, z, *stats.tensors(), sum_dy, sum_dy_xhat, *common, slope,
         ACT=act, BLOCK_R=block_r, BLOCK_C=block_c)
+    if training and stats.process_group is not None:
+        import torch.distributed as dist
+
+        # gamma and beta get this rank's own sums (DDP averages parameter gradients across ranks, as
+        # for nn.SyncBatchNorm); the input gradient needs the sums over the whole synchronised batch
+        local = sums.clone()
+        dist.all_reduce(sums, group=stats.process_group)
+        sum_dy, sum_dy_xhat = sums[0], sums[1]
     dz = new_output_like(z)
     dbias = torch.zeros(C, device=z.device, dtype=torch.float32) if bias_grad else sum_dy
     _bn_activation_backward_dz_kernel[grid](
         dy, z, *stats.tensors(), sum_dy, sum_dy_xhat, dz, dbias, *common, *dz.stride(), slope,
         1.0 / stats.count, ACT=act, TRAINING=training, BIAS_GRAD=bias_grad,
         BLOCK_R=block_r, BLOCK_C=block_c)
+    if training and stats.process_group is not None:
+        sum_dy, sum_dy_xhat = local[0], local[1]
     if bias_grad:
         return dz, sum_dy_xhat, sum_dy, dbias
     return dz, sum_dy_xhat, sum_dy

@@ -26,11 +26,11 @@ def conv2d_bn_leaky_relu_reference(x, weight, bn_weight, bn_bias, running_mean, 
 
 
 def conv2d_bn_leaky_relu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
-                                 padding, training, momentum, eps, slope):
+                                 padding, training, momentum, eps, slope, process_group=None):
     z, partials = conv2d_forward(x, weight, None, stride, padding, stats=training)
     N, C, OH, OW = z.shape
     stats = bn_finalize(partials, C, N * OH * OW, bn_weight, bn_bias, running_mean, running_var,
-                        training, momentum, eps, x.device)
+                        training, momentum, eps, x.device, process_group)
     y = bn_activation_forward(z, stats, LEAKY_RELU, slope, empty_like_format(z, z.shape))
     return y, z, stats
 
@@ -48,27 +48,27 @@ def conv2d_bn_leaky_relu_backward(dy, x, weight, z, stats, stride, padding, trai
 class Conv2dBatchNormLeakyReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                training, momentum, eps, slope):
+                training, momentum, eps, slope, process_group):
         y, z, stats = conv2d_bn_leaky_relu_forward(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, training,
-            momentum, eps, slope)
+            momentum, eps, slope, process_group)
         ctx.save_for_backward(x, weight, z, *stats.tensors())
-        ctx.conf = (stride, padding, training, stats.count, slope)
+        ctx.conf = (stride, padding, training, stats.count, slope, stats.process_group)
         ctx.affine_dtypes = tuple(t.dtype if t is not None else None for t in (bn_weight, bn_bias))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, z, *stat_tensors = ctx.saved_tensors
-        stride, padding, training, count, slope = ctx.conf
+        stride, padding, training, count, slope, group = ctx.conf
         dx, dw, dgamma, dbeta = conv2d_bn_leaky_relu_backward(
-            dy, x, weight, z, BatchNormStats(*stat_tensors, count), stride, padding, training, slope,
-            ctx.needs_input_grad[:2])
+            dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), stride, padding, training,
+            slope, ctx.needs_input_grad[:2])
         gamma_dtype, beta_dtype = ctx.affine_dtypes
         return (dx, grad_of(dw, weight),
                 dgamma.to(gamma_dtype) if ctx.needs_input_grad[2] else None,
                 dbeta.to(beta_dtype) if ctx.needs_input_grad[3] else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def check_slope(negative_slope) -> float:
@@ -81,7 +81,7 @@ def check_slope(negative_slope) -> float:
 
 
 def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
-                         stride, padding, training, momentum, eps, negative_slope):
+                         stride, padding, training, momentum, eps, negative_slope, process_group=None):
     """leaky_relu(batch_norm(conv2d(x, weight, stride, padding))), fused; see docs/ops.md."""
     check_input(x, "x", 4)
     check_weight(x, weight, 1)
@@ -96,4 +96,4 @@ def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
              x.shape[0] * OH * OW)
     return Conv2dBatchNormLeakyReLUFunction.apply(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, bool(training),
-        float(momentum or 0.0), float(eps), check_slope(negative_slope))
+        float(momentum or 0.0), float(eps), check_slope(negative_slope), process_group)

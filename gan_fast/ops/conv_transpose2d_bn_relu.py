@@ -26,11 +26,11 @@ def conv_transpose2d_bn_relu_reference(x, weight, bn_weight, bn_bias, running_me
 
 
 def conv_transpose2d_bn_relu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                     stride, padding, training, momentum, eps):
+                                     stride, padding, training, momentum, eps, process_group=None):
     z, partials = conv_transpose2d_forward(x, weight, None, stride, padding, stats=training)
     N, C, OH, OW = z.shape
     stats = bn_finalize(partials, C, N * OH * OW, bn_weight, bn_bias, running_mean, running_var,
-                        training, momentum, eps, x.device)
+                        training, momentum, eps, x.device, process_group)
     y = bn_activation_forward(z, stats, RELU, 0.0, empty_like_format(z, z.shape))
     return y, z, stats
 
@@ -49,31 +49,31 @@ def conv_transpose2d_bn_relu_backward(dy, x, weight, z, stats, stride, padding, 
 class ConvTranspose2dBatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                training, momentum, eps):
+                training, momentum, eps, process_group):
         y, z, stats = conv_transpose2d_bn_relu_forward(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, training,
-            momentum, eps)
+            momentum, eps, process_group)
         ctx.save_for_backward(x, weight, z, *stats.tensors())
-        ctx.conf = (stride, padding, training, stats.count)
+        ctx.conf = (stride, padding, training, stats.count, stats.process_group)
         ctx.affine_dtypes = tuple(t.dtype if t is not None else None for t in (bn_weight, bn_bias))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, z, *stat_tensors = ctx.saved_tensors
-        stride, padding, training, count = ctx.conf
-        stats = BatchNormStats(*stat_tensors, count)
+        stride, padding, training, count, group = ctx.conf
+        stats = BatchNormStats(*stat_tensors, count, group)
         dx, dw, dgamma, dbeta = conv_transpose2d_bn_relu_backward(
             dy, x, weight, z, stats, stride, padding, training, ctx.needs_input_grad[:2])
         gamma_dtype, beta_dtype = ctx.affine_dtypes
         return (dx, grad_of(dw, weight),
                 dgamma.to(gamma_dtype) if ctx.needs_input_grad[2] else None,
                 dbeta.to(beta_dtype) if ctx.needs_input_grad[3] else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def conv_transpose2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
-                             stride, padding, training, momentum, eps):
+                             stride, padding, training, momentum, eps, process_group=None):
     """relu(batch_norm(conv_transpose2d(x, weight, stride, padding))), fused; see docs/ops.md."""
     check_input(x, "x", 4)
     check_weight(x, weight, 0)
@@ -88,4 +88,4 @@ def conv_transpose2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, runnin
     check_bn(x, C, bn_weight, bn_bias, running_mean, running_var, training, x.shape[0] * OH * OW)
     return ConvTranspose2dBatchNormReLUFunction.apply(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, bool(training),
-        float(momentum or 0.0), float(eps))
+        float(momentum or 0.0), float(eps), process_group)

@@ -33,12 +33,12 @@ def _as_image(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                 training, momentum, eps, slope):
+                                 training, momentum, eps, slope, process_group=None):
     z4, partials = conv2d_forward(_as_image(x), _as_image(weight), bias, _ONE, _ZERO, stats=training,
                                  tf32=tf32_allowed(x, matmul=True))
     z = z4[:, :, 0, 0]
     stats = bn_finalize(partials, z.shape[1], z.shape[0], bn_weight, bn_bias, running_mean, running_var,
-                        training, momentum, eps, x.device)
+                        training, momentum, eps, x.device, process_group)
     y = new_output_like(z)
     bn_activation_forward(z4, stats, LEAKY_RELU, slope, _as_image(y))
     return y, z, stats
@@ -63,30 +63,31 @@ def linear_bn_leaky_relu_backward(dy, x, weight, z, stats, training, slope, need
 class LinearBatchNormLeakyReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-                eps, slope):
+                eps, slope, process_group):
         y, z, stats = linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean,
-                                                   running_var, training, momentum, eps, slope)
+                                                   running_var, training, momentum, eps, slope,
+                                                   process_group)
         ctx.save_for_backward(x, weight, z, *stats.tensors())
-        ctx.conf = (training, stats.count, slope)
+        ctx.conf = (training, stats.count, slope, stats.process_group)
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, bn_weight, bn_bias))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, z, *stat_tensors = ctx.saved_tensors
-        training, count, slope = ctx.conf
+        training, count, slope, group = ctx.conf
         dx, dw, dbias, dgamma, dbeta = linear_bn_leaky_relu_backward(
-            dy, x, weight, z, BatchNormStats(*stat_tensors, count), training, slope,
+            dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), training, slope,
             ctx.needs_input_grad[:3])
         bias_dtype, gamma_dtype, beta_dtype = ctx.dtypes
         return (dx, grad_of(dw, weight), dbias.to(bias_dtype) if dbias is not None else None,
                 dgamma.to(gamma_dtype) if ctx.needs_input_grad[3] else None,
                 dbeta.to(beta_dtype) if ctx.needs_input_grad[4] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
-                         training, momentum, eps, negative_slope):
+                         training, momentum, eps, negative_slope, process_group=None):
     """leaky_relu(batch_norm(linear(x, weight, bias))) for x [N, in], fused; see docs/ops.md."""
     check_input(x, "x", 2)
     check_weight(x, weight, 1, dim=2)
@@ -96,4 +97,4 @@ def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, runn
     check_bn(x, weight.shape[0], bn_weight, bn_bias, running_mean, running_var, training, x.shape[0])
     return LinearBatchNormLeakyReLUFunction.apply(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
-        float(momentum or 0.0), float(eps), check_slope(negative_slope))
+        float(momentum or 0.0), float(eps), check_slope(negative_slope), process_group)

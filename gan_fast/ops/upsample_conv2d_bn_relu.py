@@ -27,11 +27,11 @@ def upsample_conv2d_bn_relu_reference(x, weight, bn_weight, bn_bias, running_mea
 
 
 def upsample_conv2d_bn_relu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, padding,
-                                    training, momentum, eps):
+                                    training, momentum, eps, process_group=None):
     z, partials = conv2d_forward(x, weight, None, _ONE, padding, upsample=2, stats=training)
     N, C, OH, OW = z.shape
     stats = bn_finalize(partials, C, N * OH * OW, bn_weight, bn_bias, running_mean, running_var,
-                        training, momentum, eps, x.device)
+                        training, momentum, eps, x.device, process_group)
     y = bn_activation_forward(z, stats, RELU, 0.0, empty_like_format(z, z.shape))
     return y, z, stats
 
@@ -49,30 +49,31 @@ def upsample_conv2d_bn_relu_backward(dy, x, weight, z, stats, padding, training,
 class UpsampleConv2dBatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, padding, training,
-                momentum, eps):
+                momentum, eps, process_group):
         y, z, stats = upsample_conv2d_bn_relu_forward(x, weight, bn_weight, bn_bias, running_mean,
-                                                      running_var, padding, training, momentum, eps)
+                                                      running_var, padding, training, momentum, eps,
+                                                      process_group)
         ctx.save_for_backward(x, weight, z, *stats.tensors())
-        ctx.conf = (padding, training, stats.count)
+        ctx.conf = (padding, training, stats.count, stats.process_group)
         ctx.affine_dtypes = tuple(t.dtype if t is not None else None for t in (bn_weight, bn_bias))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, z, *stat_tensors = ctx.saved_tensors
-        padding, training, count = ctx.conf
+        padding, training, count, group = ctx.conf
         dx, dw, dgamma, dbeta = upsample_conv2d_bn_relu_backward(
-            dy, x, weight, z, BatchNormStats(*stat_tensors, count), padding, training,
+            dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), padding, training,
             ctx.needs_input_grad[:2])
         gamma_dtype, beta_dtype = ctx.affine_dtypes
         return (dx, grad_of(dw, weight),
                 dgamma.to(gamma_dtype) if ctx.needs_input_grad[2] else None,
                 dbeta.to(beta_dtype) if ctx.needs_input_grad[3] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
-                            padding, training, momentum, eps):
+                            padding, training, momentum, eps, process_group=None):
     """relu(batch_norm(conv2d(upsample_nearest_x2(x), weight, stride=1, padding))), fused;
     see docs/ops.md."""
     check_input(x, "x", 4)
@@ -86,4 +87,4 @@ def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running
              x.shape[0] * OH * OW)
     return UpsampleConv2dBatchNormReLUFunction.apply(
         x, weight, bn_weight, bn_bias, running_mean, running_var, padding, bool(training),
-        float(momentum or 0.0), float(eps))
+        float(momentum or 0.0), float(eps), process_group)
