@@ -41,7 +41,7 @@ from .backends import BACKENDS, ops_for, resolve
 __all__ = ["FoldedBatchNorm", "FoldedLayer", "FusedConv2dBatchNormLeakyReLU", "FusedConv2dLeakyReLU",
            "FusedConvTranspose2dBatchNormReLU", "FusedConvTranspose2dTanh", "FusedDHead",
            "FusedLinearBatchNormLeakyReLU", "FusedUpsampleConv2dBatchNormReLU", "discriminator_loss",
-           "fuse", "fused_modules"]
+           "fuse", "fused_modules", "match_run"]
 
 
 # ------------------------------------------------------------------------------------ state holders
@@ -261,8 +261,10 @@ def _nearest_x2(m: nn.Module) -> bool:
     return all(float(v) == 2.0 for v in (s if isinstance(s, tuple) else (s,)))
 
 
-def _match(layers: list[nn.Module], i: int, backend: str, last: bool):
-    """(fused module, number of layers it replaces) for the run starting at layers[i], or None."""
+def match_run(layers: list[nn.Module], i: int, backend: str, last: bool):
+    """(fused module, number of layers it replaces) for the run starting at layers[i], or None.
+    ``last``: layers[i] is the Sequential's last layer (where a D head may sit). Public so tools (the
+    benchmarks) find the fusable runs of a model exactly as fuse() does."""
     a, b, c, d = (layers + [None] * 4)[i:i + 4]
     if _plain_conv(a, nn.ConvTranspose2d, False) and _bn(b, nn.BatchNorm2d, a.out_channels) and type(c) is nn.ReLU:
         return FusedConvTranspose2dBatchNormReLU(a, backend, FoldedBatchNorm(b)), 3
@@ -288,7 +290,7 @@ def _fuse_sequential(seq: nn.Sequential, backend: str) -> int:
     layers = [seq._modules[n] for n in names]
     i = fused = 0
     while i < len(layers):
-        hit = _match(layers, i, backend, last=i == len(layers) - 1)
+        hit = match_run(layers, i, backend, last=i == len(layers) - 1)
         if hit is None:
             i += 1
             continue
