@@ -37,12 +37,13 @@ def extension_setup():
     with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if _flag("GAN_FAST_FORCE_CUDA") and not with_cuda:
         raise RuntimeError("GAN_FAST_FORCE_CUDA=1 but torch has no CUDA or nvcc was not found")
-    cxx = ["-O3", "-std=c++17"]
+    # no -std: torch's BuildExtension passes the standard its own headers need (C++20 in torch 2.13)
+    cxx = ["-O3"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = cpp_extension.CUDAExtension(
             "gan_fast._C", cpp + cu, define_macros=[("GAN_FAST_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
                                                     "-lineinfo"]})
     else:
         ext = cpp_extension.CppExtension("gan_fast._C", cpp, extra_compile_args={"cxx": cxx})

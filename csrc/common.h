@@ -1,0 +1,486 @@
+// Shared by the CPU (.cpp) and CUDA (.cu) translation units: argument checks, memory-format
+// handling and the device-agnostic op bodies. Each op body is a template over a `Kernels` struct
+// (CpuKernels in csrc/*_cpu.cpp, CudaKernels in csrc/cuda/*.cu) that only launches kernels on
+// buffers this file has already checked, laid out and allocated, so every argument check is
+// written once and both devices give the same error messages.
+//
+// Layout idea (same as ATen's batch_norm_cpu / batch_norm_cuda split between "contiguous" and
+// "channels_last" kernels): a [N, C, *] tensor is either
+//   - planes: NC(S) contiguous, element (n, c, s) at (n * C + c) * S + s, or
+//   - rows:   [M = N * S, C] row-major, element (m, c) at m * C + c: channels_last 4-D tensors and
+//             every tensor with S == 1 ([N, C] BatchNorm1d inputs, 1x1 feature maps).
+// Any other strides are first copied to one of the two, and outputs keep that layout.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+#include <vector>
+
+// The CPU BatchNorm kernels get a second, AVX2 + FMA build (csrc/bn_cpu_avx2.cpp, chosen at run
+// time) where `#pragma GCC target` can give one: GCC on x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GAN_FAST_CPU_AVX2_TU 1
+#else
+#define GAN_FAST_CPU_AVX2_TU 0
+#endif
+
+namespace gan_fast {
+
+using at::Tensor;
+
+// Activation codes shared with gan_fast/ext.py (ACT_*). ReLU is LeakyReLU with slope 0 in every
+// kernel, so the kernels branch on "has a leaky mask" and "is tanh" only.
+enum Act : int64_t { kActNone = 0, kActRelu = 1, kActLeakyRelu = 2, kActTanh = 3 };
+
+inline double act_slope(int64_t act, double negative_slope) {
+  return act == kActRelu ? 0.0 : negative_slope;
+}
+
+// A [N, C, *] tensor seen as planes or rows (see the file comment).
+struct BnShape {
+  int64_t N, C, S;
+  bool rows;
+  int64_t count() const { return N * S; }  // elements per channel
+  int64_t numel() const { return N * C * S; }
+};
+
+inline bool is_floating(const Tensor& t) {
+  auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+inline void check_floating(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(is_floating(t), op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_same_device(const Tensor& t, const Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+              " but the input is on ", ref.device());
+}
+
+// Planes or rows: contiguous, or channels_last (4-D), else a copy. gan_fast/ext.py's
+// _dense_like() mirrors this rule for the fake (meta) kernels.
+inline Tensor dense_input(const Tensor& x) {
+  if (x.is_contiguous()) return x;
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  if (x.dim() == 4 && x.stride(1) == 1) return x.contiguous(at::MemoryFormat::ChannelsLast);
+  return x.contiguous();
+}
+
+// `t` with exactly the strides of `like` (a dense_input() result).
+inline Tensor same_layout(const Tensor& t, const Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  if (like.is_contiguous()) return t.contiguous();
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline BnShape bn_shape(const Tensor& x) {
+  BnShape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) s.S *= x.size(d);
+  s.rows = s.S == 1 || !x.is_contiguous();
+  return s;
+}
+
+// A per-channel parameter (BN weight, bias, running statistics) as a contiguous vector of the
+// accumulation dtype, or an undefined tensor when absent. C elements: the copy, when one is
+// needed at all, is negligible next to the activation tensor.
+inline Tensor channel_param(const c10::optional<Tensor>& t, const Tensor& x, int64_t C,
+                            const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  check_same_device(*t, x, op, name);
+  check_floating(*t, op, name);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape [", C,
+              "] (the input's channel count), got ", t->sizes());
+  return t->to(at::toOpMathType(x.scalar_type())).contiguous();
+}
+
+inline void check_bn_input(const Tensor& x, const char* op) {
+  check_floating(x, op, "input");
+  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, op,
+              ": input must be [N, C] (BatchNorm1d), [N, C, L] or [N, C, H, W] (BatchNorm2d), got ",
+              x.dim(), "-D shape ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0, op, ": input has no channels, shape ", x.sizes());
+}
+
+inline void check_act(int64_t act, double slope, const char* op, bool allow_tanh) {
+  TORCH_CHECK(act == kActNone || act == kActRelu || act == kActLeakyRelu ||
+                  (allow_tanh && act == kActTanh),
+              op, ": unsupported activation code ", act,
+              allow_tanh ? " (0 none, 1 relu, 2 leaky_relu, 3 tanh)" : " (0 none, 1 relu, 2 leaky_relu)");
+  TORCH_CHECK(act != kActLeakyRelu || slope >= 0, op,
+              ": negative_slope must be >= 0 (the backward reads the mask from the sign), got ", slope);
+}
+
+// The kernels each device implements (CpuKernels, CudaKernels). Tensors reaching them are checked,
+// dense in the layout BnShape describes, and per-channel vectors are contiguous in the
+// accumulation dtype; an undefined w / b means affine=False (w = 1, b = 0).
+#define GAN_FAST_KERNEL_DECLS                                                                        \
+  static void bn_stats(const Tensor& x, const BnShape& s, Tensor& mean, Tensor& var);               \
+  static void bn_apply(const Tensor& x, const BnShape& s, const Tensor& mean, const Tensor& var,    \
+                       const Tensor& w, const Tensor& b, double eps, double slope, int64_t act,     \
+                       Tensor& y);                                                                   \
+  static void bn_backward_reduce(const Tensor& dy, const Tensor& x, const BnShape& s,               \
+                                 const Tensor& mean, const Tensor& var, const Tensor& w,            \
+                                 const Tensor& b, double eps, double slope, int64_t act,            \
+                                 Tensor& grad_weight, Tensor& grad_bias);                           \
+  static void bn_backward_apply(const Tensor& dy, const Tensor& x, const BnShape& s,                \
+                                const Tensor& mean, const Tensor& var, const Tensor& w,             \
+                                const Tensor& b, const Tensor& grad_weight, const Tensor& grad_bias,\
+                                bool training, double eps, double slope, int64_t act, Tensor& dx);  \
+  static void bn_update_stats(Tensor& running_mean, Tensor& running_var, const Tensor& mean,        \
+                              const Tensor& var, double momentum, int64_t count);                   \
+  static void act_forward_(Tensor& y, int64_t act, double slope);                                   \
+  static void act_backward(const Tensor& grad_y, const Tensor& y, int64_t act, double slope,        \
+                           Tensor& grad_z);                                                          \
+  static void bce_forward(const Tensor& logits, const Tensor& target, Tensor& loss);                \
+  static void bce_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,     \
+                           Tensor& grad_logits);                                                     \
+  static void d_head_forward(const Tensor& x, const Tensor& w, const Tensor& target,                \
+                             Tensor& logits, Tensor& loss);                                          \
+  static void d_head_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& w,            \
+                              const Tensor& target, const Tensor& logits, bool need_x, bool need_w, \
+                              Tensor& grad_x, Tensor& grad_w)
+
+struct CpuKernels {
+  GAN_FAST_KERNEL_DECLS;
+};
+struct CudaKernels {
+  GAN_FAST_KERNEL_DECLS;
+};
+
+// ---------------------------------------------------------------------------------------------
+// BatchNorm + activation.
+// The backward recomputes xhat = (x - mean) * invstd from the saved *input* rather than inverting
+// the saved output: inverting y = act(xhat * w + b) divides by w (0 or tiny for some channels
+// after training) and cannot undo ReLU, so it is not exact; the input costs one more saved
+// activation but the backward is then bit-for-bit the formula of torch's native kernels
+// (aten/src/ATen/native/Normalization.cpp, batch_norm_backward_cpu_template).
+// mean / var (biased) are returned in the accumulation dtype; invstd = 1/sqrt(var + eps) is
+// recomputed from them wherever it is needed, which also serves the running-stat update.
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> bn_act_forward(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    bool training, double eps, int64_t act, double negative_slope) {
+  const char* op = "gan_fast::bn_act";
+  check_bn_input(x, op);
+  check_act(act, negative_slope, op, /*allow_tanh=*/false);
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  Tensor x_ = dense_input(x);
+  BnShape s = bn_shape(x_);
+  Tensor w = channel_param(weight, x, s.C, op, "weight");
+  Tensor b = channel_param(bias, x, s.C, op, "bias");
+  auto acc = at::toOpMathType(x.scalar_type());
+  Tensor y = at::empty_like(x_);
+  Tensor mean, var;
+  if (training) {
+    TORCH_CHECK(s.count() > 1, op, ": expected more than 1 value per channel when training, got input of shape ",
+                x.sizes());
+    mean = at::empty({s.C}, x.options().dtype(acc));
+    var = at::empty({s.C}, x.options().dtype(acc));
+    K::bn_stats(x_, s, mean, var);
+  } else {
+    Tensor rm = channel_param(running_mean, x, s.C, op, "running_mean");
+    Tensor rv = channel_param(running_var, x, s.C, op, "running_var");
+    TORCH_CHECK(rm.defined() && rv.defined(), op,
+                ": running_mean and running_var must be given in evaluation mode (training=False)");
+    // Copies: the outputs must not alias the running buffers, which later steps update in place.
+    mean = rm.is_same(*running_mean) ? rm.clone() : rm;
+    var = rv.is_same(*running_var) ? rv.clone() : rv;
+  }
+  if (s.numel() > 0) K::bn_apply(x_, s, mean, var, w, b, eps, act_slope(act, negative_slope), act, y);
+  return {y, mean, var};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> bn_act_backward(
+    const Tensor& grad_out, const Tensor& x, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
+    double eps, int64_t act, double negative_slope) {
+  const char* op = "gan_fast::bn_act_backward";
+  check_bn_input(x, op);
+  check_act(act, negative_slope, op, /*allow_tanh=*/false);
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but the input has shape ", x.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
+              grad_out.scalar_type(), " but the input has dtype ", x.scalar_type());
+  check_same_device(grad_out, x, op, "grad_out");
+  Tensor x_ = dense_input(x);
+  Tensor dy = same_layout(grad_out, x_);
+  BnShape s = bn_shape(x_);
+  Tensor w = channel_param(weight, x, s.C, op, "weight");
+  Tensor b = channel_param(bias, x, s.C, op, "bias");
+  Tensor m = channel_param(mean, x, s.C, op, "mean");
+  Tensor v = channel_param(var, x, s.C, op, "var");
+  auto acc = at::toOpMathType(x.scalar_type());
+  Tensor grad_weight = at::empty({s.C}, x.options().dtype(acc));
+  Tensor grad_bias = at::empty({s.C}, x.options().dtype(acc));
+  Tensor grad_x = at::empty_like(x_);
+  const double slope = act_slope(act, negative_slope);
+  if (s.numel() == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_x, grad_weight, grad_bias};
+  }
+  K::bn_backward_reduce(dy, x_, s, m, v, w, b, eps, slope, act, grad_weight, grad_bias);
+  K::bn_backward_apply(dy, x_, s, m, v, w, b, grad_weight, grad_bias, training, eps, slope, act, grad_x);
+  return {grad_x, grad_weight, grad_bias};
+}
+
+// running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance
+// var * n / (n - 1), as nn.BatchNorm does.
+template <class K>
+void bn_update_stats(Tensor& running_mean, Tensor& running_var, const Tensor& mean,
+                     const Tensor& var, double momentum, int64_t count) {
+  const char* op = "gan_fast::bn_update_stats_";
+  check_floating(running_mean, op, "running_mean");
+  TORCH_CHECK(running_var.scalar_type() == running_mean.scalar_type(), op,
+              ": running_mean and running_var must have the same dtype, got ",
+              running_mean.scalar_type(), " and ", running_var.scalar_type());
+  const int64_t C = running_mean.numel();
+  TORCH_CHECK(running_mean.dim() == 1 && running_var.dim() == 1 && running_var.numel() == C &&
+                  mean.numel() == C && var.numel() == C,
+              op, ": running_mean and running_var must have shape [C] = [", mean.numel(),
+              "] (the batch statistics' channel count), got running_mean ", running_mean.sizes(),
+              ", running_var ", running_var.sizes(), ", mean ", mean.sizes(), ", var ", var.sizes());
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(), op,
+              ": running_mean and running_var must be contiguous (they are updated in place)");
+  check_same_device(running_var, running_mean, op, "running_var");
+  check_same_device(mean, running_mean, op, "mean");
+  check_same_device(var, running_mean, op, "var");
+  TORCH_CHECK(count > 1, op, ": count (values per channel) must be > 1, got ", count);
+  auto acc = at::toOpMathType(running_mean.scalar_type());
+  if (C == 0) return;
+  K::bn_update_stats(running_mean, running_var, mean.to(acc).contiguous(), var.to(acc).contiguous(),
+                     momentum, count);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolution + activation: the convolution is ATen's (oneDNN on CPU, cuDNN on GPU); the
+// activation then runs in place on the freshly allocated output, one read and one write.
+
+inline at::MemoryFormat conv_format(const Tensor& x) {
+  return (!x.is_contiguous() && (x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.stride(1) == 1))
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+inline void check_conv_args(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, bool transposed,
+                            const char* op) {
+  check_floating(x, op, "input");
+  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D, got shape ", weight.sizes());
+  check_same_device(weight, x, op, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
+              " but the input has dtype ", x.scalar_type(), " (cast both to the autocast dtype)");
+  const int64_t cin = transposed ? weight.size(0) : weight.size(1);
+  const int64_t cout = transposed ? weight.size(1) : weight.size(0);
+  TORCH_CHECK(x.size(1) == cin, op, ": input has ", x.size(1), " channels but weight ", weight.sizes(),
+              transposed ? " (ConvTranspose2d layout [C_in, C_out, kH, kW])"
+                         : " (Conv2d layout [C_out, C_in, kH, kW])",
+              " expects ", cin);
+  if (bias.has_value() && bias->defined()) {
+    check_same_device(*bias, x, op, "bias");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias has dtype ", bias->scalar_type(),
+                " but the input has dtype ", x.scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cout, op, ": bias must have shape [", cout,
+                "], got ", bias->sizes());
+  }
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, op,
+              ": stride must be two positive ints, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": padding must be two non-negative ints, got ", padding);
+  // An empty or negative output size is checked here: ATen's transposed convolution does not check
+  // it, and oneDNN then fails with "could not construct a memory descriptor using a format tag".
+  for (int64_t d = 0; d < 2; ++d) {
+    const int64_t in = x.size(2 + d), k = weight.size(2 + d);
+    const bool empty = transposed ? (in - 1) * stride[d] - 2 * padding[d] + k <= 0 : in + 2 * padding[d] < k;
+    TORCH_CHECK(!empty, op, ": input ", x.sizes(), " with kernel ", weight.sizes(), ", stride ", stride,
+                " and padding ", padding,
+                transposed ? " gives an empty output (padding too large for the transposed convolution)"
+                           : " gives an empty output (the kernel is larger than the padded input)");
+  }
+}
+
+template <class K>
+Tensor conv_act_forward(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                        at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, int64_t act,
+                        double negative_slope) {
+  const char* op = "gan_fast::conv_act";
+  check_conv_args(x, weight, bias, stride, padding, transposed, op);
+  check_act(act, negative_slope, op, /*allow_tanh=*/true);
+  std::vector<int64_t> zeros{0, 0}, ones{1, 1};
+  Tensor y = at::convolution(x, weight, bias, stride, padding, ones, transposed, zeros, 1);
+  // One layout per input layout (what the fake kernel promises); a no-op for oneDNN and cuDNN,
+  // which already follow the input's layout.
+  y = y.contiguous(conv_format(x));
+  if (y.numel() > 0 && act != kActNone) K::act_forward_(y, act, act_slope(act, negative_slope));
+  return y;
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> conv_act_backward(
+    const Tensor& grad_out, const Tensor& out, const Tensor& x, const Tensor& weight, bool has_bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, int64_t act, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  const char* op = "gan_fast::conv_act_backward";
+  check_conv_args(x, weight, c10::nullopt, stride, padding, transposed, op);
+  check_act(act, negative_slope, op, /*allow_tanh=*/true);
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but the output has shape ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type() && out.scalar_type() == x.scalar_type(), op,
+              ": grad_out, output and input must have one dtype, got ", grad_out.scalar_type(), ", ",
+              out.scalar_type(), ", ", x.scalar_type());
+  check_same_device(grad_out, x, op, "grad_out");
+  check_same_device(out, x, op, "output");
+  Tensor g = grad_out;
+  if (act != kActNone) {
+    // The activation's derivative from the saved output: tanh' = 1 - y^2; LeakyReLU's mask is
+    // the sign of y, the same as the sign of its input for slope >= 0.
+    Tensor y = dense_input(out);
+    Tensor gy = same_layout(grad_out, y);
+    g = at::empty_like(y);
+    if (g.numel() > 0) K::act_backward(gy, y, act, act_slope(act, negative_slope), g);
+  }
+  std::vector<int64_t> zeros{0, 0}, ones{1, 1};
+  std::vector<int64_t> bias_sizes{transposed ? weight.size(1) : weight.size(0)};
+  auto grads = at::convolution_backward(
+      g, x, weight, has_bias ? c10::optional<at::IntArrayRef>(bias_sizes) : c10::nullopt, stride,
+      padding, ones, transposed, zeros, 1, {output_mask[0], output_mask[1], has_bias && output_mask[2]});
+  // Grads that were not asked for come back empty ([0]) so the schema's outputs stay Tensors.
+  // Gradients in their tensor's layout (what the fake kernel promises): oneDNN / cuDNN may pick
+  // another for a channels_last input; the weight's copy is tiny.
+  auto or_empty = [&](const Tensor& t, at::MemoryFormat format) {
+    return t.defined() ? t.contiguous(format) : at::empty({0}, x.options());
+  };
+  return {or_empty(std::get<0>(grads), conv_format(x)), or_empty(std::get<1>(grads), conv_format(weight)),
+          or_empty(std::get<2>(grads), at::MemoryFormat::Contiguous)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binary cross-entropy with logits, mean reduction. Per element
+//   loss = max(l, 0) - l * t + log1p(exp(-|l|)),  dloss/dl = sigmoid(l) - t,
+// finite for any |l| (the exp argument is never positive). The loss is returned in the
+// accumulation dtype (float32 for half / bfloat16 logits), as autocast runs
+// binary_cross_entropy_with_logits in float32.
+
+inline Tensor bce_target(const Tensor& target, const Tensor& like, at::IntArrayRef shape, const char* op) {
+  check_floating(target, op, "target");
+  check_same_device(target, like, op, "target");
+  TORCH_CHECK(target.dim() <= static_cast<int64_t>(shape.size()), op, ": target of shape ", target.sizes(),
+              " is not broadcastable to ", shape);
+  for (int64_t i = 1; i <= target.dim(); ++i) {
+    int64_t t = target.size(-i), s = shape[shape.size() - i];
+    TORCH_CHECK(t == 1 || t == s, op, ": target of shape ", target.sizes(), " is not broadcastable to ", shape);
+  }
+  return target.to(at::toOpMathType(like.scalar_type())).expand(shape).contiguous();
+}
+
+template <class K>
+Tensor bce_forward(const Tensor& logits, const Tensor& target) {
+  const char* op = "gan_fast::bce_with_logits";
+  check_floating(logits, op, "logits");
+  TORCH_CHECK(logits.numel() > 0, op, ": logits is empty");
+  Tensor l = logits.contiguous();
+  Tensor t = bce_target(target, logits, logits.sizes(), op);
+  Tensor loss = at::empty({}, logits.options().dtype(at::toOpMathType(logits.scalar_type())));
+  K::bce_forward(l, t, loss);
+  return loss;
+}
+
+template <class K>
+Tensor bce_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& target) {
+  const char* op = "gan_fast::bce_with_logits_backward";
+  check_floating(logits, op, "logits");
+  TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ", grad_loss.sizes());
+  check_same_device(grad_loss, logits, op, "grad_loss");
+  Tensor l = logits.contiguous();
+  Tensor t = bce_target(target, logits, logits.sizes(), op);
+  Tensor g = grad_loss.to(at::toOpMathType(logits.scalar_type())).reshape({});
+  Tensor grad = at::empty_like(l);
+  if (l.numel() > 0) K::bce_backward(g, l, t, grad);
+  return grad;
+}
+
+// D head: logits[n] = <x[n], w> (a Conv2d whose kernel covers the whole feature map is a GEMV),
+// then the BCE above, in one pass over x. For a channels_last x the weight is permuted the same
+// way, so both flatten to [N, K] / [K] in the same (h, w, c) order without copying x.
+inline std::pair<Tensor, Tensor> d_head_operands(const Tensor& x, const Tensor& weight, const char* op) {
+  check_floating(x, op, "input");
+  TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(x.size(0) > 0, op, ": the batch is empty");
+  check_same_device(weight, x, op, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
+              " but the input has dtype ", x.scalar_type());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == x.size(1) &&
+                  weight.size(2) == x.size(2) && weight.size(3) == x.size(3),
+              op, ": weight must have shape [1, C, H, W] = [1, ", x.size(1), ", ", x.size(2), ", ", x.size(3),
+              "] (one output channel, kernel = the input's spatial size), got ", weight.sizes());
+  Tensor x_ = dense_input(x);
+  Tensor w_ = x_.is_contiguous() ? weight.contiguous() : weight.contiguous(at::MemoryFormat::ChannelsLast);
+  return {x_, w_};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor> d_head_forward(const Tensor& x, const Tensor& weight, const Tensor& target) {
+  const char* op = "gan_fast::d_head_bce";
+  auto xw = d_head_operands(x, weight, op);
+  const int64_t N = x.size(0);
+  Tensor t = bce_target(target, x, {N}, op);
+  Tensor logits = at::empty({N}, x.options());
+  Tensor loss = at::empty({}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  K::d_head_forward(xw.first, xw.second, t, logits, loss);
+  return {loss, logits};
+}
+
+template <class K>
+std::tuple<Tensor, Tensor> d_head_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& weight,
+                                           const Tensor& target, const Tensor& logits,
+                                           std::array<bool, 2> output_mask) {
+  const char* op = "gan_fast::d_head_bce_backward";
+  auto xw = d_head_operands(x, weight, op);
+  const int64_t N = x.size(0);
+  TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ", grad_loss.sizes());
+  TORCH_CHECK(logits.dim() == 1 && logits.size(0) == N, op, ": logits must have shape [", N, "], got ",
+              logits.sizes());
+  check_same_device(grad_loss, x, op, "grad_loss");
+  check_same_device(logits, x, op, "logits");
+  auto acc = at::toOpMathType(x.scalar_type());
+  Tensor t = bce_target(target, x, {N}, op);
+  Tensor g = grad_loss.to(acc).reshape({});
+  Tensor l = logits.contiguous();
+  Tensor grad_x = output_mask[0] ? at::empty_like(xw.first) : at::empty({0}, x.options());
+  // grad_w in w_'s layout, then the weight's own: the Parameter is NCHW-contiguous.
+  Tensor grad_w = output_mask[1] ? at::empty_like(xw.second) : at::empty({0}, x.options());
+  K::d_head_backward(g, xw.first, xw.second, t, l, output_mask[0], output_mask[1], grad_x, grad_w);
+  if (output_mask[1]) grad_w = grad_w.contiguous();
+  return {grad_x, grad_w};
+}
+
+}  // namespace gan_fast
+
+// Registers every op's implementation for one dispatch key from one Kernels struct.
+#define GAN_FAST_REGISTER_IMPLS(K, m)                                            \
+  m.impl("bn_act", &gan_fast::bn_act_forward<K>);                                \
+  m.impl("bn_act_backward", &gan_fast::bn_act_backward<K>);                      \
+  m.impl("bn_update_stats_", &gan_fast::bn_update_stats<K>);                     \
+  m.impl("conv_act", &gan_fast::conv_act_forward<K>);                            \
+  m.impl("conv_act_backward", &gan_fast::conv_act_backward<K>);                  \
+  m.impl("bce_with_logits", &gan_fast::bce_forward<K>);                          \
+  m.impl("bce_with_logits_backward", &gan_fast::bce_backward<K>);                \
+  m.impl("d_head_bce", &gan_fast::d_head_forward<K>);                            \
+  m.impl("d_head_bce_backward", &gan_fast::d_head_backward<K>)

@@ -1,0 +1,48 @@
+// The gan_fast operator library: schemas only. Implementations are registered per device
+// (csrc/kernels_cpu.cpp for CPU, csrc/cuda/*.cu for CUDA); autograd formulas and fake (meta)
+// kernels are registered from Python in gan_fast/ext.py through torch.library, the layout
+// pytorch/extension-cpp uses (extension_cpp/csrc/muladd.cpp + extension_cpp/ops.py).
+//
+// Every op is functional (returns fresh tensors) except bn_update_stats_, which updates the
+// running statistics in place; torch.library.register_autograd needs functional ops, so the
+// running-stat update is split from bn_act and carries no gradient.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import gan_fast._C` loads this shared library, whose static initializers run the
+// TORCH_LIBRARY registrations below; the Python module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(gan_fast, m) {
+  // Fake kernels live in gan_fast.ext: torch.compile imports it when it meets these ops.
+  m.set_python_module("gan_fast.ext");
+  // act: 0 none, 1 relu, 2 leaky_relu(negative_slope). Returns (y, mean, var): in training the
+  // batch mean and biased variance, in eval copies of the running statistics; both in the
+  // accumulation dtype (float32 for half / bfloat16 inputs).
+  m.def("bn_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+        "bool training, float eps, int act, float negative_slope) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias); the last two in the accumulation dtype.
+  m.def("bn_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
+        "bool training, float eps, int act, float negative_slope) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+        "float momentum, int count) -> ()");
+  // act: 0 none, 1 relu, 2 leaky_relu(negative_slope), 3 tanh.
+  m.def("conv_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, bool transposed, "
+        "int act, float negative_slope) -> Tensor");
+  // Returns (grad_x, grad_weight, grad_bias); an entry whose output_mask is false is empty ([0]).
+  m.def("conv_act_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, bool has_bias, "
+        "int[2] stride, int[2] padding, bool transposed, int act, float negative_slope, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("bce_with_logits(Tensor logits, Tensor target) -> Tensor");
+  m.def("bce_with_logits_backward(Tensor grad_loss, Tensor logits, Tensor target) -> Tensor");
+  // Returns (loss, logits [N]).
+  m.def("d_head_bce(Tensor x, Tensor weight, Tensor target) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_weight); an entry whose output_mask is false is empty ([0]).
+  m.def("d_head_bce_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor target, Tensor logits, "
+        "bool[2] output_mask) -> (Tensor, Tensor)");
+}

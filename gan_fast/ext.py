@@ -1,0 +1,480 @@
+"""The ``ext`` backend: the fused ops of docs/ops.md on the C++/CUDA extension ``gan_fast._C``.
+
+``gan_fast._C`` (csrc/) registers a small operator library ``torch.ops.gan_fast`` with CPU kernels
+(at::parallel_for + at::vec; the BatchNorm ones built for the baseline ISA and for AVX2, picked at
+run time like ATen's own) and CUDA kernels:
+
+- ``bn_act`` / ``bn_act_backward``: BatchNorm (training: batch statistics; eval: running statistics)
+  fused with ReLU / LeakyReLU / nothing; the backward is one reduction pass (sum dz, sum dz * xhat)
+  and one elementwise pass that also applies the activation's mask. ``bn_update_stats_`` updates
+  the running statistics in place (separate because autograd needs functional ops);
+- ``conv_act`` / ``conv_act_backward``: an ATen convolution (oneDNN / cuDNN) with LeakyReLU or Tanh
+  applied in place in one pass (on the CPU, ATen's in-place kernel); the backward takes the
+  activation's derivative from the output;
+- ``bce_with_logits`` and ``d_head_bce`` (the D head's full-size Conv2d as a GEMV + the loss), each
+  one pass forward and one backward.
+
+This module registers their fake (meta) kernels and autograd formulas through ``torch.library``
+(the pytorch/extension-cpp layout), so they work under autograd, torch.compile and CUDA-graph
+capture, and composes them into the blocks of docs/ops.md. The blocks' convolutions and Linear
+layers are ATen's; the BatchNorm, activation and loss parts are the extension's.
+
+Importing this module never raises: without a loadable ``gan_fast._C``, ``unavailable_reason()``
+says why and the ops raise BackendUnavailable.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv_transpose2d_bn_relu",
+           "conv_transpose2d_tanh", "d_head_bce_with_logits", "linear_bn_leaky_relu", "unavailable_reason",
+           "upsample_conv2d_bn_relu"]
+
+# Activation codes of the C++ ops (csrc/common.h, enum Act).
+ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_TANH = 0, 1, 2, 3
+
+OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_backward", "bce_with_logits",
+       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward")
+
+_REBUILD = "rebuild it with `pip install --no-build-isolation -e .` (GAN_FAST_EXT_REQUIRED=1 shows the compiler error)"
+
+
+def _load() -> str | None:
+    try:
+        from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY registrations)
+    except (ImportError, OSError) as e:
+        return f"the C++/CUDA extension gan_fast._C is not built or can't be loaded ({e}); {_REBUILD}"
+    missing = [name for name in OPS if not hasattr(torch.ops.gan_fast, name)]
+    if missing:
+        return f"gan_fast._C is stale (it lacks {', '.join(missing)}); {_REBUILD}"
+    return None
+
+
+_LOAD_ERROR = _load()
+
+
+def unavailable_reason() -> str | None:
+    """None when the compiled extension loaded, else why not and how to rebuild it."""
+    return _LOAD_ERROR
+
+
+def _ops():
+    if _LOAD_ERROR is not None:
+        from .backends import BackendUnavailable
+
+        raise BackendUnavailable(f"backend 'ext' is unavailable: {_LOAD_ERROR}")
+    return torch.ops.gan_fast
+
+
+def _is_int(v) -> bool:
+    # bool is an int subclass, but stride=True is a bug, not a stride of 1
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _pair(v, name: str, minimum: int) -> list[int]:
+    """An int or a pair of ints >= minimum, as a list of two ints.
+
+    Validated here because int(1.5) would silently turn stride=1.5 into 1, and a float would otherwise
+    reach the op schema's int[2] and fail with an unhelpful "'float' object is not iterable"."""
+    pair = [v, v] if _is_int(v) else v
+    if not isinstance(pair, (tuple, list, torch.Size)) or len(pair) != 2 or not all(_is_int(i) for i in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if any(i < minimum for i in pair):
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(pair)}")
+    return list(pair)
+
+
+def _check_input(x, dim: int, op: str, what: str) -> None:
+    # F.conv2d / F.linear accept unbatched [C, H, W] / [*, in] inputs, whose outputs the BatchNorm
+    # would then read as [N, C, L] with the wrong axis as channels and silently normalize the wrong
+    # way (nn.BatchNorm2d / BatchNorm1d reject those ranks); the blocks of docs/ops.md are batched.
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dim:
+        raise ValueError(f"{op}: x must be {dim}-D {what}, got shape {tuple(x.shape)}")
+
+
+def _check_momentum(momentum) -> float:
+    # nn.BatchNorm's momentum=None (cumulative moving average) needs num_batches_tracked, which the
+    # functional op never sees: the caller turns it into the effective momentum 1 / num_batches_tracked
+    # (gan_fast.fuse does, as nn.BatchNorm does before calling F.batch_norm). Passing None on would fail
+    # deep in the dispatcher with a schema error naming an internal op, so say what to do instead.
+    if momentum is None:
+        raise ValueError("momentum=None (nn.BatchNorm's cumulative moving average) must be resolved by the "
+                         "caller: pass the effective momentum, 1 / num_batches_tracked after incrementing it, "
+                         "as gan_fast.fuse does (see docs/ops.md)")
+    if isinstance(momentum, bool) or not isinstance(momentum, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    return momentum
+
+
+def _as_target(target, like: Tensor) -> Tensor:
+    if not isinstance(target, Tensor):
+        return torch.as_tensor(target, dtype=torch.float32, device=like.device)
+    # Integer / bool labels are rejected, as torch's binary_cross_entropy_with_logits and the triton
+    # backend reject them: converting silently would make ext accept what the reference refuses.
+    if not target.is_floating_point():
+        raise TypeError(f"target must be a floating-point tensor (hard 0/1 or soft labels), got {target.dtype}; "
+                        "convert it with target.float()")
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# The blocks of docs/ops.md.
+
+def _bn_act(x: Tensor, bn_weight, bn_bias, running_mean, running_var, training: bool, momentum: float,
+            eps: float, act: int, negative_slope: float = 0.0, process_group=None) -> Tensor:
+    momentum = _check_momentum(momentum)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")
+    ops = _ops()
+    if training and process_group is not None:
+        return _SyncBatchNormAct.apply(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                                       act, negative_slope, process_group)
+    y, mean, var = ops.bn_act(x, bn_weight, bn_bias, None if training else running_mean,
+                              None if training else running_var, training, eps, act, negative_slope)
+    if training and running_mean is not None:
+        ops.bn_update_stats_(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
+    return y
+
+
+class _SyncBatchNormAct(torch.autograd.Function):
+    """BatchNorm + activation with statistics over every rank of ``process_group`` (SyncBatchNorm).
+
+    Forward: this rank's (count, mean, M2) per channel, one all-gather, Chan et al.'s merge (no
+    cancellation, unlike summing squares), then the extension's bn_act normalizes with the merged
+    statistics and bn_update_stats_ updates the running ones. Backward: the activation mask and this
+    rank's sum(dy) and sum(dy * xhat), one all-reduce, and the BatchNorm input gradient over the global
+    count; gamma and beta get this rank's own sums, which DDP averages, as nn.SyncBatchNorm does
+    (torch/nn/modules/_functions.py). The reductions here are torch ops around the collective; ranks
+    hold batches of equal size."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, slope, group):
+        import torch.distributed as dist
+
+        C = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x.to(_acc_dtype(x.dtype)), dim=dims, correction=0)
+        n = x.numel() // C
+        local = torch.stack([torch.full_like(mean, n), mean, var * n])   # (count, mean, M2) x C
+        world = dist.get_world_size(group)
+        gathered = local.new_empty((world * 3, C))
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, local, group=group)
+        n_r, mean_r, m2_r = gathered.view(world, 3, C).unbind(1)
+        total = n_r.sum(0)
+        mean = (n_r * mean_r).sum(0) / total
+        var = (m2_r + n_r * (mean_r - mean) ** 2).sum(0) / total
+        ops = _ops()
+        # the eval-mode path of bn_act normalizes with the statistics it is given: the global ones
+        stat_dtype = running_mean.dtype if running_mean is not None else mean.dtype
+        y = ops.bn_act(x, weight, bias, mean.to(stat_dtype), var.to(stat_dtype), False, eps, act, slope)[0]
+        if running_mean is not None:
+            ops.bn_update_stats_(running_mean, running_var, mean, var, momentum, n * world)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.conf = (eps, act, slope, group, n * world)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        import torch.distributed as dist
+
+        x, weight, bias, mean, var = ctx.saved_tensors
+        eps, act, slope, group, count = ctx.conf
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        dims = [0, *range(2, x.dim())]
+        acc = mean.dtype
+        invstd = torch.rsqrt(var + eps)
+        xhat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
+        gamma = weight.to(acc).view(shape) if weight is not None else torch.ones(shape, dtype=acc, device=x.device)
+        dyb = dy.to(acc)
+        if act in (ACT_RELU, ACT_LEAKY_RELU):  # the mask of the forward's output, recomputed
+            pre = xhat * gamma + (bias.to(acc).view(shape) if bias is not None else 0.0)
+            dyb = torch.where(pre > 0, dyb, dyb * (0.0 if act == ACT_RELU else slope))
+        sums = torch.stack([dyb.sum(dims), (dyb * xhat).sum(dims)])
+        local = sums.clone()
+        dist.all_reduce(sums, group=group)
+        dx = (gamma * invstd.view(shape)) * (dyb - sums[0].view(shape) / count
+                                            - xhat * sums[1].view(shape) / count)
+        need = ctx.needs_input_grad
+        return (dx.to(x.dtype) if need[0] else None,
+                local[1].to(weight.dtype) if weight is not None and need[1] else None,
+                local[0].to(bias.dtype) if bias is not None and need[2] else None,
+                None, None, None, None, None, None, None)
+
+
+def conv_transpose2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
+                             stride, padding, training, momentum, eps, process_group=None) -> Tensor:
+    """ConvTranspose2d(bias=False) -> BatchNorm2d -> ReLU (the DCGAN generator blocks)."""
+    _check_input(x, 4, "conv_transpose2d_bn_relu", "[N, C, H, W]")
+    y = F.conv_transpose2d(x, weight, None, _pair(stride, "stride", 1), _pair(padding, "padding", 0))
+    return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, ACT_RELU,
+                   process_group=process_group)
+
+
+def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
+                         stride, padding, training, momentum, eps, negative_slope,
+                         process_group=None) -> Tensor:
+    """Conv2d(bias=False) -> BatchNorm2d -> LeakyReLU (the DCGAN discriminator blocks)."""
+    _check_input(x, 4, "conv2d_bn_leaky_relu", "[N, C, H, W]")
+    y = F.conv2d(x, weight, None, _pair(stride, "stride", 1), _pair(padding, "padding", 0))
+    return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                   ACT_LEAKY_RELU, negative_slope, process_group)
+
+
+def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope) -> Tensor:
+    """Conv2d -> LeakyReLU (D's first layer); bias may be None."""
+    return _ops().conv_act(x, weight, bias, _pair(stride, "stride", 1), _pair(padding, "padding", 0), False,
+                           ACT_LEAKY_RELU, negative_slope)
+
+
+def conv_transpose2d_tanh(x, weight, bias, *, stride, padding) -> Tensor:
+    """ConvTranspose2d -> Tanh (G's last layer); bias may be None."""
+    return _ops().conv_act(x, weight, bias, _pair(stride, "stride", 1), _pair(padding, "padding", 0), True,
+                           ACT_TANH, 0.0)
+
+
+def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
+                         training, momentum, eps, negative_slope, process_group=None) -> Tensor:
+    """Linear -> BatchNorm1d -> LeakyReLU (the MLP generator); x [N, in]; bias may be None."""
+    _check_input(x, 2, "linear_bn_leaky_relu", "[N, in_features]")
+    y = F.linear(x, weight, bias)
+    return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                   ACT_LEAKY_RELU, negative_slope, process_group)
+
+
+# Nearest x2 upsampling then a 3x3 stride-1 pad-1 convolution is exactly a 4x4 stride-2 pad-1
+# transposed convolution whose taps are sums of the 3x3 taps: along each axis the output row 2i
+# reads input rows (i-1, i, i) and row 2i+1 reads (i, i, i+1), so the transposed kernel's four
+# taps are (w2, w1 + w2, w0 + w1, w0). The transposed form never materialises the 4x larger
+# upsampled tensor and does 16 instead of 36 multiply-adds per input pixel and channel pair (the
+# sub-pixel view of resize-convolution: Odena et al. 2016, "Deconvolution and Checkerboard
+# Artifacts"; Shi et al. 2016, arXiv:1609.07009).
+_UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+def _upsample3x3_as_transposed(weight: Tensor) -> Tensor:
+    """Conv2d weight [C_out, C_in, 3, 3] -> ConvTranspose2d weight [C_in, C_out, 4, 4]."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    taps = torch.tensor(_UPSAMPLE_TAPS, dtype=acc, device=weight.device)
+    return torch.einsum("ka,lb,oiab->iokl", taps, taps, weight.to(acc)).to(weight.dtype)
+
+
+def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
+                            padding, training, momentum, eps, process_group=None) -> Tensor:
+    """Upsample(x2, nearest) -> Conv2d(bias=False, stride 1) -> BatchNorm2d -> ReLU."""
+    _check_input(x, 4, "upsample_conv2d_bn_relu", "[N, C, H, W]")
+    padding = _pair(padding, "padding", 0)
+    if weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and padding == [1, 1]:
+        y = F.conv_transpose2d(x, _upsample3x3_as_transposed(weight), None, 2, 1)
+    else:
+        y = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, None, 1, padding)
+    return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, ACT_RELU,
+                   process_group=process_group)
+
+
+def d_head_bce_with_logits(x, weight, target) -> tuple[Tensor, Tensor]:
+    """Conv2d(C -> 1, kernel = x's spatial size, no bias) then BCE-with-logits, mean over the batch.
+
+    Returns (loss, logits [N]); logits carry no gradient. The loss is float32 for half / bfloat16
+    inputs (float64 for float64), as autocast computes binary_cross_entropy_with_logits.
+    """
+    return tuple(_ops().d_head_bce(x, weight, _as_target(target, x)))
+
+
+def bce_with_logits(logits, target) -> Tensor:
+    """binary_cross_entropy_with_logits(logits, target), mean reduction; stable for large |logit|.
+
+    The loss is float32 for half / bfloat16 logits (float64 for float64), as under autocast.
+    """
+    return _ops().bce_with_logits(logits, _as_target(target, logits))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake kernels (shapes, dtypes and strides for torch.compile / FakeTensor) and autograd formulas.
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dense_like(x: Tensor) -> Tensor:
+    """The layout the C++ ops compute in and return (csrc/common.h dense_input)."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 4 and x.stride(1) == 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
+
+
+def _conv_format(x: Tensor) -> torch.memory_format:
+    """csrc/common.h conv_format."""
+    if not x.is_contiguous() and (x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) == 1):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_out_shape(x: Tensor, weight: Tensor, stride, padding, transposed: bool) -> list:
+    if transposed:
+        hw = [(x.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + weight.shape[2 + i] for i in range(2)]
+        return [x.shape[0], weight.shape[1], *hw]
+    hw = [(x.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i]) // stride[i] + 1 for i in range(2)]
+    return [x.shape[0], weight.shape[0], *hw]
+
+
+def _sum_to(grad: Tensor, target: Tensor) -> Tensor:
+    return grad.sum_to_size(target.shape).to(target.dtype)
+
+
+def _check_devices(op: str, x: Tensor, ref: str = "the input", **tensors) -> None:
+    """The C++ kernels' check_same_device, for the fake kernels.
+
+    A call mixing a meta tensor with real ones dispatches to the Meta key, i.e. to these fake kernels,
+    which would otherwise return an uninitialized tensor on x's device as if the op had run; under
+    torch.compile the same check reports a device mismatch at trace time instead of inside the graph."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == x.device,
+                         lambda: f"gan_fast::{op}: {name} is on {t.device} but {ref} is on {x.device}")
+
+
+def _register() -> None:
+    lib = "gan_fast::"
+
+    # ---- BatchNorm + activation
+    @torch.library.register_fake(lib + "bn_act")
+    def _(x, weight, bias, running_mean, running_var, training, eps, act, negative_slope):
+        torch._check(x.dim() in (2, 3, 4), lambda: f"gan_fast::bn_act: input must be 2-D to 4-D, got {x.dim()}-D")
+        _check_devices("bn_act", x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+        c = x.shape[1]
+        acc = _acc_dtype(x.dtype)
+        return torch.empty_like(_dense_like(x)), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+    @torch.library.register_fake(lib + "bn_act_backward")
+    def _(grad_out, x, weight, bias, mean, var, training, eps, act, negative_slope):
+        _check_devices("bn_act_backward", x, grad_out=grad_out, weight=weight, bias=bias, mean=mean, var=var)
+        c = x.shape[1]
+        acc = _acc_dtype(x.dtype)
+        return torch.empty_like(_dense_like(x)), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+    @torch.library.register_fake(lib + "bn_update_stats_")
+    def _(running_mean, running_var, mean, var, momentum, count):
+        _check_devices("bn_update_stats_", running_mean, "running_mean", running_var=running_var, mean=mean, var=var)
+        return None
+
+    def bn_setup(ctx, inputs, output):
+        x, weight, bias, _rm, _rv, training, eps, act, slope = inputs
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.args = (training, eps, act, slope)
+
+    def bn_backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        gx, gw, gb = torch.ops.gan_fast.bn_act_backward(grad_y, x, weight, bias, mean, var, *ctx.args)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gw.to(weight.dtype) if need[1] else None,
+                gb.to(bias.dtype) if need[2] else None, None, None, None, None, None, None)
+
+    torch.library.register_autograd(lib + "bn_act", bn_backward, setup_context=bn_setup)
+
+    # ---- Convolution + activation
+    @torch.library.register_fake(lib + "conv_act")
+    def _(x, weight, bias, stride, padding, transposed, act, negative_slope):
+        torch._check(x.dim() == 4, lambda: f"gan_fast::conv_act: input must be 4-D, got {x.dim()}-D")
+        _check_devices("conv_act", x, weight=weight, bias=bias)
+        shape = _conv_out_shape(x, weight, stride, padding, transposed)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x))
+
+    @torch.library.register_fake(lib + "conv_act_backward")
+    def _(grad_out, out, x, weight, has_bias, stride, padding, transposed, act, negative_slope, output_mask):
+        _check_devices("conv_act_backward", x, grad_out=grad_out, out=out, weight=weight)
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x))
+        gw = torch.empty(weight.shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(weight))
+        gb = x.new_empty((weight.shape[1] if transposed else weight.shape[0],))
+        # One fresh [0] tensor per skipped gradient, as the C++ op returns: a shared one would make
+        # the outputs alias each other, which the real op's never do (opcheck's test_faketensor).
+        return (gx if output_mask[0] else x.new_empty((0,)), gw if output_mask[1] else x.new_empty((0,)),
+                gb if has_bias and output_mask[2] else x.new_empty((0,)))
+
+    def conv_setup(ctx, inputs, output):
+        x, weight, bias, stride, padding, transposed, act, slope = inputs
+        ctx.save_for_backward(x, weight, output)
+        ctx.args = (bias is not None, stride, padding, transposed, act, slope)
+
+    def conv_backward(ctx, grad_y):
+        x, weight, out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.gan_fast.conv_act_backward(grad_y, out, x, weight, *ctx.args, list(need[:3]))
+        return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None,
+                None, None, None, None, None)
+
+    torch.library.register_autograd(lib + "conv_act", conv_backward, setup_context=conv_setup)
+
+    # ---- BCE with logits
+    @torch.library.register_fake(lib + "bce_with_logits")
+    def _(logits, target):
+        _check_devices("bce_with_logits", logits, target=target)
+        return logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+
+    @torch.library.register_fake(lib + "bce_with_logits_backward")
+    def _(grad_loss, logits, target):
+        _check_devices("bce_with_logits_backward", logits, grad_loss=grad_loss, target=target)
+        return logits.new_empty(logits.shape)
+
+    def bce_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def bce_backward(ctx, grad):
+        logits, target = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gl = torch.ops.gan_fast.bce_with_logits_backward(grad, logits, target) if need[0] else None
+        # d loss / d target = -logit / numel (per element, before broadcasting).
+        gt = _sum_to(logits.to(grad.dtype) * (-grad / logits.numel()), target) if need[1] else None
+        return gl, gt
+
+    torch.library.register_autograd(lib + "bce_with_logits", bce_backward, setup_context=bce_setup)
+
+    # ---- D head: GEMV + BCE
+    @torch.library.register_fake(lib + "d_head_bce")
+    def _(x, weight, target):
+        torch._check(x.dim() == 4, lambda: f"gan_fast::d_head_bce: input must be 4-D, got {x.dim()}-D")
+        _check_devices("d_head_bce", x, weight=weight, target=target)
+        return x.new_empty((), dtype=_acc_dtype(x.dtype)), x.new_empty((x.shape[0],))
+
+    @torch.library.register_fake(lib + "d_head_bce_backward")
+    def _(grad_loss, x, weight, target, logits, output_mask):
+        _check_devices("d_head_bce_backward", x, grad_loss=grad_loss, weight=weight, target=target, logits=logits)
+        return (torch.empty_like(_dense_like(x)) if output_mask[0] else x.new_empty((0,)),  # never one shared
+                x.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,)))     # [0]: see conv_act_backward
+
+    def head_setup(ctx, inputs, output):
+        x, weight, target = inputs
+        _, logits = output
+        ctx.mark_non_differentiable(logits)
+        ctx.save_for_backward(x, weight, target, logits)
+
+    def head_backward(ctx, grad_loss, _grad_logits):
+        x, weight, target, logits = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx = gw = gt = None
+        if need[0] or need[1]:
+            gx, gw = torch.ops.gan_fast.d_head_bce_backward(grad_loss, x, weight, target, logits,
+                                                            [need[0], need[1]])
+        if need[2]:
+            gt = _sum_to(logits.to(grad_loss.dtype) * (-grad_loss / logits.numel()), target)
+        return (gx if need[0] else None), (gw if need[1] else None), gt
+
+    torch.library.register_autograd(lib + "d_head_bce", head_backward, setup_context=head_setup)
+
+
+if _LOAD_ERROR is None:
+    _register()

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Compile-only check of every csrc/cuda/*.cu, for a box with nvcc but no GPU (and possibly a CPU-only
+# torch): each file is compiled to an object in a temporary directory with the flags setup.py's
+# CUDAExtension build uses (torch.utils.cpp_extension's nvcc flags, -O3 --use_fast_math -lineinfo,
+# -DGAN_FAST_WITH_CUDA, sm_80 + sm_90), nothing is linked or run. Exits nonzero, with the compiler
+# output, when any file fails to compile.
+#
+#   tools/check_cuda_compiles.sh [--werror] [-j JOBS] [--objdir DIR] [FILE.cu ...]
+#
+#   --werror      also fail on any compiler warning (torch's own headers are included with -isystem,
+#                 so warnings left are the project's)
+#   -j JOBS       files compiled in parallel (default: the number of CPU cores)
+#   --objdir DIR  keep the objects in DIR (e.g. to link them against the CPU objects and look for
+#                 duplicate symbols); default: a temporary directory, removed
+#   env NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), PYTHON (default: python),
+#       GAN_FAST_CUDA_ARCHS (default: "80 90")
+set -euo pipefail
+
+werror=0
+objdir=""
+jobs=$(nproc 2>/dev/null || echo 2)
+files=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --werror) werror=1 ;;
+        -j) shift; jobs="$1" ;;
+        --objdir) shift; objdir="$(realpath -m "$1")" ;;
+        -j*) jobs="${1#-j}" ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) files+=("$(realpath -m "$1")") ;;
+    esac
+    shift
+done
+cd "$(dirname "$0")/.."
+if [ ${#files[@]} -eq 0 ]; then
+    shopt -s nullglob
+    files=(csrc/cuda/*.cu)
+    shopt -u nullglob
+fi
+if [ ${#files[@]} -eq 0 ]; then
+    echo "check_cuda_compiles: no csrc/cuda/*.cu files" >&2
+    exit 1
+fi
+
+NVCC="${NVCC:-$(command -v nvcc || true)}"
+if [ -z "$NVCC" ] && [ -n "${CUDA_HOME:-}" ]; then NVCC="$CUDA_HOME/bin/nvcc"; fi
+if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
+    echo "check_cuda_compiles: nvcc not found (set NVCC or CUDA_HOME)" >&2
+    exit 1
+fi
+PYTHON="${PYTHON:-python}"
+
+# Torch's include directories, the Python headers, torch's C++ ABI, and whether this torch ships
+# c10/cuda/impl/cuda_cmake_macros.h (CUDA wheels do; CPU wheels ship the c10/cuda headers without
+# that generated file, whose only macro, C10_CUDA_BUILD_SHARED_LIBS, matters on Windows only).
+torch_info=$("$PYTHON" - <<'EOF'
+import os
+import sysconfig
+
+import torch
+from torch.utils import cpp_extension
+
+for path in cpp_extension.include_paths():
+    print("I", path)
+print("I", sysconfig.get_paths()["include"])
+print("ABI", int(torch._C._GLIBCXX_USE_CXX11_ABI))
+root = cpp_extension.include_paths()[0]
+print("CMAKE_MACROS", int(os.path.exists(os.path.join(root, "c10", "cuda", "impl", "cuda_cmake_macros.h"))))
+print("TORCH", torch.__version__, torch.version.cuda)
+# the C++ standard torch's BuildExtension compiles extensions with (what its headers need)
+import inspect
+print("STD", "c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "c++17")
+EOF
+)
+
+includes=()
+abi=""
+cmake_macros=1
+cxx_std=c++17
+torch_desc=""
+while read -r key value; do
+    case "$key" in
+        I) includes+=(-isystem "$value") ;;
+        ABI) abi="$value" ;;
+        CMAKE_MACROS) cmake_macros="$value" ;;
+        TORCH) torch_desc="$value" ;;
+        STD) cxx_std="$value" ;;
+    esac
+done <<< "$torch_info"
+
+archs="${GAN_FAST_CUDA_ARCHS:-80 90}"
+flags=(-c "-std=$cxx_std" -O3 --use_fast_math -lineinfo -Xcompiler -fPIC -Xcompiler -Wall
+       -DGAN_FAST_WITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
+       "-D_GLIBCXX_USE_CXX11_ABI=$abi"
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+       -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
+for arch in $archs; do flags+=("-gencode=arch=compute_$arch,code=sm_$arch"); done
+if [ "$cmake_macros" = 0 ]; then flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE); fi
+flags+=("${includes[@]}")
+
+echo "check_cuda_compiles: $("$NVCC" --version | tail -n 1); torch $torch_desc; sm_${archs// /, sm_}; ${#files[@]} file(s), $jobs at a time"
+if [ "$cmake_macros" = 0 ]; then
+    echo "check_cuda_compiles: this torch has no c10/cuda/impl/cuda_cmake_macros.h (a CPU wheel): -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"
+fi
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+if [ -n "$objdir" ]; then mkdir -p "$objdir"; fi
+
+compile() {  # file index
+    local src="$1" i="$2" start end rc=0 obj="$tmp/$2.o"
+    if [ -n "$objdir" ]; then obj="$objdir/$(basename "$src" .cu).o"; fi
+    start=$(date +%s)
+    "$NVCC" "${flags[@]}" -o "$obj" "$src" >"$tmp/$i.log" 2>&1 || rc=$?
+    end=$(date +%s)
+    echo "$rc $((end - start))" >"$tmp/$i.rc"
+}
+
+# Run up to $jobs compiles at once; report each file in order as it finishes.
+for f in "${files[@]}"; do
+    if [ ! -f "$f" ]; then
+        echo "check_cuda_compiles: no such file $f" >&2
+        exit 1
+    fi
+done
+pids=()
+running=0
+for i in "${!files[@]}"; do
+    if [ "$running" -ge "$jobs" ]; then
+        wait -n || true  # compile() always succeeds; its nvcc status is in $tmp/$i.rc
+        running=$((running - 1))
+    fi
+    echo "checking ${files[$i]} ..."
+    compile "${files[$i]}" "$i" &
+    pids+=($!)
+    running=$((running + 1))
+done
+
+failed=()
+warned=()
+for i in "${!files[@]}"; do
+    wait "${pids[$i]}" || true
+    read -r rc secs <"$tmp/$i.rc"
+    nwarn=$(grep -ciE 'warning' "$tmp/$i.log" || true)
+    if [ "$rc" != 0 ]; then
+        echo "FAILED ${files[$i]} (nvcc exit $rc, ${secs}s):"
+        cat "$tmp/$i.log"
+        failed+=("${files[$i]}")
+    else
+        echo "ok     ${files[$i]} (${secs}s, $nwarn warning line(s))"
+        if [ "$nwarn" != 0 ]; then
+            cat "$tmp/$i.log"
+            warned+=("${files[$i]}")
+        fi
+    fi
+done
+
+if [ ${#failed[@]} -ne 0 ]; then
+    echo "check_cuda_compiles: ${#failed[@]} of ${#files[@]} file(s) failed to compile: ${failed[*]}" >&2
+    exit 1
+fi
+if [ ${#warned[@]} -ne 0 ] && [ "$werror" = 1 ]; then
+    echo "check_cuda_compiles: warnings in ${warned[*]} (--werror)" >&2
+    exit 1
+fi
+echo "check_cuda_compiles: all ${#files[@]} file(s) compile"
