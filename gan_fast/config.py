@@ -45,6 +45,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: str = "auto"
+    sync_bn: bool = False
     workers: int = 2
     # outputs
     out: str = "runs/dcgan"
@@ -53,6 +54,12 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     milestones: tuple = field(default=MILESTONES)
+    # evaluation (gan_fast.eval) and the averaged generator (gan_fast.ema)
+    ema: float | None = None
+    eval_every: int | None = None
+    eval_n: int = 1000
+    fid: bool = False
+    fid_weights: str | None = None
 
     DEFAULT_STEPS = 1500
 
@@ -80,6 +87,12 @@ class TrainConfig:
             raise UserError(f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.lr <= 0 or not 0 <= self.beta1 < 1:
             raise UserError("--lr must be positive and --beta1 in [0, 1)")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise UserError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise UserError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.eval_n < 2:
+            raise UserError(f"--eval-n must be at least 2 (a covariance needs two), got {self.eval_n}")
         return self
 
     def to_dict(self) -> dict:
@@ -135,6 +148,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), default=d.amp, help="autocast dtype")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (a baseline)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (every rank's)")
     g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default=d.cuda_graphs,
                    help="capture the whole training step (both updates, both Adam steps) in a CUDA graph; "
                         "auto: on with a fused backend on CUDA")
@@ -145,6 +160,18 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-every", type=int, default=d.sample_every)
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     g.add_argument("--log-every", type=int, default=d.log_every)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of G (e.g. 0.999) for samples and eval")
+    g.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="measure sample quality every N steps and at the end: the digits metric on the "
+                        "embedded digits (FD, class coverage, confidence), FID/KID with --fid")
+    g.add_argument("--eval-n", type=int, default=d.eval_n, help="generated samples per evaluation")
+    g.add_argument("--fid", action="store_true",
+                   help="also FID and KID (Inception features through torch-fidelity; pip install "
+                        "'gan_fast[fid]'); the real set's statistics are cached")
+    g.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="Inception weights file (default: torch-fidelity's in $TORCH_HOME/hub/checkpoints)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

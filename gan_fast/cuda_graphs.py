@@ -36,6 +36,10 @@ def unsupported_reason(trainer) -> str | None:
         return "--amp fp16 needs GradScaler, which syncs with the host; use --amp bf16"
     if cfg.compile:
         return "--compile manages its own CUDA graphs (mode reduce-overhead)"
+    if trainer.dist.enabled and cfg.cuda_graphs != "on":
+        # DDP's bucketed all-reduce can be captured (NCCL is graph-safe) but is not yet verified
+        # here on a multi-GPU machine: opt in with --cuda-graphs on
+        return "not enabled automatically under torchrun (use --cuda-graphs on to capture DDP steps)"
     return None
 
 

@@ -119,10 +119,15 @@ class InMemoryImages:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def batches(self, batch_size: int, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, epoch: int, start: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[torch.Tensor]:
+        """This rank's ``batch_size`` rows of each global batch (batch_size x world_size rows of the
+        epoch's permutation), from global batch ``start`` on."""
         perm = epoch_permutation(len(self), self.seed, epoch).to(self.images.device)
-        for b in range(start, len(self) // batch_size):  # drop the last partial batch: static shapes
-            yield self.images.index_select(0, perm[b * batch_size:(b + 1) * batch_size])
+        global_batch = batch_size * world_size
+        for b in range(start, len(self) // global_batch):  # drop the last partial batch: static shapes
+            first = b * global_batch + rank * batch_size
+            yield self.images.index_select(0, perm[first:first + batch_size])
 
 
 class _StreamDataset(torch.utils.data.Dataset):
@@ -150,17 +155,25 @@ class StreamingImages:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def batches(self, batch_size: int, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
-        perm = epoch_permutation(len(self), self.seed, epoch)[start * batch_size:].tolist()
+    def batches(self, batch_size: int, epoch: int, start: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[torch.Tensor]:
+        """As InMemoryImages.batches: this rank's rows of each global batch, decoded by workers."""
+        global_batch = batch_size * world_size
+        perm = epoch_permutation(len(self), self.seed, epoch)
+        n_batches = len(self) // global_batch
+        mine = perm[:n_batches * global_batch].view(n_batches, world_size, batch_size)[start:, rank]
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, sampler=perm, drop_last=True,
+            self.dataset, batch_size=batch_size, sampler=mine.reshape(-1).tolist(), drop_last=True,
             num_workers=self.workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
         for x, ok in loader:
             if not bool(ok.all()):
-                x = x[ok]
-                if x.shape[0] < 2:
+                # a file that turned unreadable since the scan: fill its row with readable rows of the
+                # batch, so every batch keeps its size (static shapes; every rank steps in lockstep)
+                good = ok.nonzero().view(-1)
+                if good.numel() == 0:
                     continue
+                x = x[good[torch.arange(x.shape[0]) % good.numel()]]
             yield x.to(self.device, non_blocking=True)
 
 

@@ -1,7 +1,8 @@
 """Generate images from a trained generator: ``python -m gan_fast.sample --checkpoint RUN/checkpoint.pt``.
 
 Writes a grid PNG (--n images), optionally one PNG per image (--individual DIR) and a latent
-interpolation strip (--interpolate; a .gif --interpolate-out animates it). Also loads a
+interpolation strip (--interpolate; a .gif --interpolate-out animates it). A checkpoint trained with
+--ema samples its averaged generator unless --no-ema is given. Also loads a
 pytorch/examples dcgan ``netG.pth`` (keys ``main.N.weight``) given the model flags it was trained with.
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resample latent entries with |z| above this (the truncation trick, "
                         "Brock et al. 2019 BigGAN): less variety, higher fidelity")
     p.add_argument("--device", default="auto")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample the exponential moving average of G (default: when the checkpoint has "
+                        "one, see train --ema); --no-ema samples the trained G")
     p.add_argument("--train-mode-bn", action="store_true",
                    help="normalize with batch statistics instead of the running ones")
     return p
@@ -67,23 +71,26 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.sin((1 - s) * omega) / so * a + torch.sin(s * omega) / so * b for s in t])
 
 
-def load_generator(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, int]:
-    if args.checkpoint:
-        path = args.checkpoint
-        if os.path.isdir(path):
-            path = os.path.join(path, ckpt.CHECKPOINT_NAME)
-        state = ckpt.load(path)
-        if "config" not in state or "netG" not in state:
-            raise UserError(f"{path} is not a gan_fast training checkpoint")
-        cfg = TrainConfig.from_dict(state["config"])
-        weights = state["netG"]
-    else:
-        cfg = TrainConfig(arch=args.arch, image_size=args.image_size, channels=args.channels,
-                          nz=args.nz, ngf=args.ngf, g_upsample=args.g_upsample)
-        cfg.validate()
-        weights = ckpt.load(args.netG)
-        if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
-            raise UserError(f"{args.netG} is not a state_dict of tensors")
+def _checkpoint_state(path: str) -> tuple[str, dict]:
+    if os.path.isdir(path):
+        path = os.path.join(path, ckpt.CHECKPOINT_NAME)
+    state = ckpt.load(path)
+    if "config" not in state or "netG" not in state:
+        raise UserError(f"{path} is not a gan_fast training checkpoint")
+    return path, state
+
+
+def _pick_weights(state: dict, ema: bool | None, path: str) -> tuple[dict, bool]:
+    """The EMA generator's weights when asked for (ema=True) or, by default (None), when the
+    checkpoint holds them; the trained generator's otherwise."""
+    has_ema = state.get("netG_ema") is not None
+    if ema and not has_ema:
+        raise UserError(f"--ema: {path} holds no EMA generator (train with --ema DECAY)")
+    use_ema = has_ema if ema is None else ema
+    return (state["netG_ema"] if use_ema else state["netG"]), use_ema
+
+
+def _build_generator(cfg: TrainConfig, weights: dict, device: torch.device) -> torch.nn.Module:
     netG, _ = build_models(cfg.arch, cfg.nz, cfg.ngf, cfg.ndf, cfg.channels, cfg.image_size,
                            cfg.g_upsample)
     try:
@@ -94,7 +101,33 @@ def load_generator(args: argparse.Namespace, device: torch.device) -> tuple[torc
                         f"{cfg.image_size} --channels {cfg.channels} --nz {cfg.nz} --ngf {cfg.ngf}"
                         f"{' --g-upsample' if cfg.g_upsample else ''}: {first[1].strip() if len(first) > 1 else first[0]}"
                         ) from None
-    return netG.to(device), cfg.nz
+    return netG.to(device)
+
+
+def generator_from_checkpoint(path: str, ema: bool | None,
+                              device: torch.device) -> tuple[torch.nn.Module, TrainConfig, bool, int]:
+    """(generator, the run's config, whether it is the EMA generator, step) of a training checkpoint."""
+    path, state = _checkpoint_state(path)
+    cfg = TrainConfig.from_dict(state["config"])
+    weights, used_ema = _pick_weights(state, ema, path)
+    return _build_generator(cfg, weights, device), cfg, used_ema, int(state.get("step", 0))
+
+
+def load_generator(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, int]:
+    if args.checkpoint:
+        netG, cfg, used_ema, _ = generator_from_checkpoint(args.checkpoint, args.ema, device)
+        if used_ema:
+            print("using the EMA generator (--no-ema for the trained one)")
+        return netG, cfg.nz
+    if args.ema:
+        raise UserError("--ema needs a gan_fast --checkpoint trained with --ema")
+    cfg = TrainConfig(arch=args.arch, image_size=args.image_size, channels=args.channels,
+                      nz=args.nz, ngf=args.ngf, g_upsample=args.g_upsample)
+    cfg.validate()
+    weights = ckpt.load(args.netG)
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise UserError(f"{args.netG} is not a state_dict of tensors")
+    return _build_generator(cfg, weights, device), cfg.nz
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -19,18 +20,22 @@ import torch.nn.functional as F
 
 from . import __version__
 from . import checkpoint as ckpt
+from . import distributed
 from .backends import BackendUnavailable, ops_for, resolve
 from .config import (TrainConfig, UserError, add_model_flags, add_train_flags, config_from_args,
                      run_cli)
 from .datasets import load_dataset, to_model_input
+from .eval import build_evaluator, format_metrics
 from .images import save_grid
 from .models import build_models
 
 # Flags that may change when a run is resumed; every other setting comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("steps", "epochs", "out", "device", "backend", "amp", "compile", "cuda_graphs",
-                       "channels_last", "sample_every", "checkpoint_every", "log_every", "workers", "data")
+                       "channels_last", "sample_every", "checkpoint_every", "log_every", "workers", "data",
+                       "ema", "eval_every", "eval_n", "fid", "fid_weights")
 STAT_NAMES = ("loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2")
 N_FIXED_NOISE = 64
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request under torchrun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +64,9 @@ def pick_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, state: dict | None = None, log=print):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: TrainConfig, state: dict | None = None, log=print,
+                 dist: distributed.DistContext = distributed.SINGLE):
+        self.cfg, self.log, self.dist = cfg, log, dist
         self.device = pick_device(cfg.device)
         try:
             self.backend = resolve(cfg.backend, self.device)
@@ -69,16 +75,24 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg.data, cfg.image_size, cfg.channels, self.device, cfg.seed,
                                  cfg.workers, log=log)
-        self.steps_per_epoch = len(self.data) // cfg.batch_size
+        self.global_batch = cfg.batch_size * dist.world_size  # every rank's rows of one batch
+        self.steps_per_epoch = len(self.data) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {cfg.batch_size} is larger than the data set "
-                            f"({len(self.data)} images)")
+            raise UserError(f"the global batch (--batch-size {cfg.batch_size} x {dist.world_size} "
+                            f"rank(s)) is larger than the data set ({len(self.data)} images)")
         self.total_steps = (cfg.steps if cfg.steps is not None
                             else cfg.epochs * self.steps_per_epoch if cfg.epochs is not None
                             else TrainConfig.DEFAULT_STEPS)
 
         self.netG, self.netD = build_models(cfg.arch, cfg.nz, cfg.ngf, cfg.ndf, cfg.channels,
                                             cfg.image_size, cfg.g_upsample)
+        if cfg.sync_bn:
+            if dist.enabled and self.backend == "reference" and self.device.type != "cuda":
+                raise UserError("--sync-bn with the reference modules is nn.SyncBatchNorm, which needs "
+                                "CUDA; on CPU use a fused backend (--backend ext)")
+            # the same Parameter and buffer objects in SyncBatchNorm layers; fuse() keeps them synced
+            self.netG = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.netG)
+            self.netD = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.netD)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.netG.to(self.device, memory_format=memory_format)
         self.netD.to(self.device, memory_format=memory_format)
@@ -89,8 +103,15 @@ class Trainer:
         self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
+        # --ema: the average is a copy of the reference modules, taken before fuse (gan_fast/ema.py)
+        self.ema = None
+        if cfg.ema is not None:
+            from .ema import EMA
+
+            self.ema = EMA(self.netG, cfg.ema)
         if state is not None:
             self._load_state(state)
+        self.evaluator = None  # built by run() when --eval-every asks for it
 
         # fuse() keeps every Parameter and buffer object, so the optimizers built above and the
         # state_dict keys are unaffected: checkpoints move freely between backends.
@@ -102,11 +123,14 @@ class Trainer:
         self.bce = (F.binary_cross_entropy_with_logits if self.backend == "reference"
                     else ops_for(self.backend).bce_with_logits)
         # the fused D head (last conv + loss in one op) runs outside netD's forward, so not under
-        # --compile, which compiles that forward
-        self.fused_d_head = self.backend != "reference" and not cfg.compile
+        # --compile, which compiles that forward, nor under DDP, whose forward hooks the gradients
+        self.fused_d_head = self.backend != "reference" and not cfg.compile and not dist.enabled
         if cfg.compile:
             self.netG.compile()  # in place: the state_dict keys stay those of the plain module
             self.netD.compile()
+        # what the step calls: the models, or their DistributedDataParallel wrappers under torchrun
+        self.G, self.D = ((distributed.wrap(self.netG, self.device), distributed.wrap(self.netD, self.device))
+                          if dist.enabled else (self.netG, self.netD))
         self.autocast = (torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16,
                                                                  "fp16": torch.float16}[cfg.amp])
                          if cfg.amp != "off" else contextlib.nullcontext())
@@ -129,7 +153,7 @@ class Trainer:
     # ---------------------------------------------------------------- the training step
     def train_step(self, real_u8: torch.Tensor) -> torch.Tensor:
         """One D update and one G update; returns the step's statistics as one device tensor."""
-        cfg, netG, netD, scaler = self.cfg, self.netG, self.netD, self.scaler
+        cfg, netG, netD, scaler = self.cfg, self.G, self.D, self.scaler
         real = to_model_input(real_u8)
         if cfg.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
@@ -142,7 +166,7 @@ class Trainer:
         with self.autocast:
             err_d_real, out_real = self.d_loss(real, ones)
         scaler.scale(err_d_real).backward()
-        z = torch.randn(b, cfg.nz, 1, 1, device=self.device)
+        z = self.noise(b)
         with self.autocast:
             fake = netG(z)
             err_d_fake, out_fake = self.d_loss(fake.detach(), zeros)
@@ -168,15 +192,25 @@ class Trainer:
             from .fuse import discriminator_loss
 
             return discriminator_loss(self.netD, x, target, self.bce)
-        logits = self.netD(x)
+        logits = self.D(x)
         return self.bce(logits.float(), target), logits
+
+    def noise(self, b: int) -> torch.Tensor:
+        """This rank's latent vectors: the whole global batch's noise is drawn (the same on every rank)
+        and each rank keeps its rows, so the run does not depend on how the batch is split."""
+        r = self.dist.rank
+        z = torch.randn(b * self.dist.world_size, self.cfg.nz, 1, 1, device=self.device)
+        return z[r * b:(r + 1) * b] if self.dist.enabled else z
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"netG": self.netG.state_dict(), "netD": self.netD.state_dict(),
-                "optG": self.optG.state_dict(), "optD": self.optD.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step, "rng": ckpt.rng_state(),
-                "config": self.cfg.to_dict(), "version": __version__}
+        state = {"netG": self.netG.state_dict(), "netD": self.netD.state_dict(),
+                 "optG": self.optG.state_dict(), "optD": self.optD.state_dict(),
+                 "scaler": self.scaler.state_dict(), "step": self.step, "rng": ckpt.rng_state(),
+                 "config": self.cfg.to_dict(), "version": __version__}
+        if self.ema is not None:
+            state["netG_ema"] = self.ema.state_dict()
+        return state
 
     def _load_state(self, state: dict) -> None:
         try:
@@ -189,6 +223,10 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if self.ema is not None:
+            if state.get("netG_ema") is None:  # --ema added on resume: the average starts here
+                self.log(f"--ema: the checkpoint holds no average yet; it starts from G at step {self.step}")
+            self.ema.load_state_dict(state.get("netG_ema") or state["netG"])
         ckpt.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> str:
@@ -197,15 +235,21 @@ class Trainer:
         return path
 
     # ---------------------------------------------------------------- outputs
+    @property
+    def sample_model(self) -> torch.nn.Module:
+        """The generator that samples and evaluation use: the average with --ema, else G."""
+        return self.ema.model if self.ema is not None else self.netG
+
     @torch.no_grad()
     def save_samples(self) -> str:
         """Fixed-noise grid in eval mode: BN uses running statistics, so sampling never changes the
         model's state (a resumed run stays identical to an uninterrupted one)."""
-        was_training = self.netG.training
-        self.netG.eval()
+        netG = self.sample_model
+        was_training = netG.training
+        netG.eval()
         with self.autocast:
-            fake = self.netG(self.fixed_noise)
-        self.netG.train(was_training)
+            fake = netG(self.fixed_noise)
+        netG.train(was_training)
         path = os.path.join(self.cfg.out, "samples", f"step_{self.step:07d}.png")
         save_grid(fake, path)
         return path
@@ -213,26 +257,31 @@ class Trainer:
     def is_milestone(self, step: int) -> bool:
         return step % self.cfg.sample_every == 0 or step in self.cfg.milestones or step == self.total_steps
 
+    def is_eval_step(self, step: int) -> bool:
+        return self.evaluator is not None and (step % self.cfg.eval_every == 0 or step == self.total_steps)
+
+    def evaluate(self) -> dict:
+        """Sample quality of the sampling generator (gan_fast.eval): its own noise, eval mode, no
+        gradients, so the training run continues exactly as it would have without it."""
+        return self.evaluator(self.sample_model, self.cfg.nz)
+
     # ---------------------------------------------------------------- the loop
     def run(self) -> int:
-        cfg = self.cfg
-        os.makedirs(cfg.out, exist_ok=True)
-        metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), resume_step=self.step)
-        resolved = {**cfg.to_dict(), "backend_resolved": self.backend, "device_resolved": str(self.device),
-                    "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                    "torch": torch.__version__, "gan_fast": __version__}
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
-        if self.step == 0:
-            first = next(self.data.batches(min(N_FIXED_NOISE, len(self.data)), 0))
-            save_grid(to_model_input(first), os.path.join(cfg.out, "real.png"))
+        cfg, main = self.cfg, self.dist.is_main  # under torchrun, rank 0 alone writes outputs
+        if main:
+            self.write_outputs_header()
+        metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), resume_step=self.step) if main else None
         if self.step >= self.total_steps:
             self.log(f"already at step {self.step} of {self.total_steps}; nothing to do "
                      "(raise --steps or --epochs to continue)")
             return 0
         self.log(f"training {cfg.arch} {cfg.image_size}x{cfg.image_size}x{cfg.channels} on "
                  f"{self.device} with backend {self.backend}: steps {self.step} -> {self.total_steps}, "
-                 f"batch {cfg.batch_size}, out {cfg.out}")
+                 f"batch {self.global_batch}"
+                 + (f" ({self.dist.world_size} ranks x {cfg.batch_size})" if self.dist.enabled else "")
+                 + f", out {cfg.out}")
+        if cfg.eval_every is not None and main:
+            self.evaluator = build_evaluator(cfg, self.device, self.data, log=self.log)
 
         if self.use_cuda_graphs:  # the same step, replayed from one captured CUDA graph
             from .cuda_graphs import GraphedStep
@@ -241,36 +290,44 @@ class Trainer:
         else:
             step_fn = self.train_step
         stop = StopFlag()
-        progress = Progress(self.step, self.total_steps, self.log)
+        progress = Progress(self.step, self.total_steps, self.log, enabled=main)
         stat_sum, stat_n, t0, interval_start = None, 0, time.perf_counter(), self.step
+        self.run_start, self.eval_seconds, stopping = t0, 0.0, False
         with stop:
-            while self.step < self.total_steps and not stop.requested:
+            while self.step < self.total_steps and not stopping:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
-                for real in self.data.batches(cfg.batch_size, epoch, offset):
+                for real in self.data.batches(cfg.batch_size, epoch, offset, self.dist.rank,
+                                              self.dist.world_size):
                     stats = step_fn(real)
+                    if self.ema is not None:
+                        self.ema.update(self.step + 1)
                     stat_sum = stats if stat_sum is None else stat_sum + stats
                     stat_n += 1
                     self.step += 1
                     progress.update(self.step)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        values = (stat_sum / stat_n).tolist()  # the one host sync per interval
+                        # the one host sync per interval (and, under torchrun, one all-reduce)
+                        values = distributed.mean_over_ranks(stat_sum / stat_n, self.dist).tolist()
                         elapsed = time.perf_counter() - t0
                         row = {"step": self.step, "epoch": epoch, **dict(zip(STAT_NAMES, values)),
-                               "images_per_s": (self.step - interval_start) * cfg.batch_size / elapsed}
-                        metrics.write(row)
-                        progress.report(row)
+                               "images_per_s": (self.step - interval_start) * self.global_batch / elapsed}
+                        if main:
+                            metrics.write(row)
+                            progress.report(row)
                         stat_sum, stat_n, t0, interval_start = None, 0, time.perf_counter(), self.step
-                    if self.is_milestone(self.step):
-                        self.save_samples()
-                        metrics.plot(os.path.join(cfg.out, "loss.png"))
-                    if self.step % cfg.checkpoint_every == 0:
+                    if main:
+                        t0 += self.write_step_outputs(metrics, progress)
+                    if self.step % cfg.checkpoint_every == 0 and main:
                         self.save_checkpoint()
-                    if self.step >= self.total_steps or stop.requested:
+                    stopping = self.stop_agreed(stop.requested)
+                    if self.step >= self.total_steps or stopping:
                         break
         progress.close()
-        path = self.save_checkpoint()
-        metrics.plot(os.path.join(cfg.out, "loss.png"))
-        if stop.requested:
+        path = os.path.join(cfg.out, ckpt.CHECKPOINT_NAME)
+        if main:
+            self.save_checkpoint()
+            metrics.plot(os.path.join(cfg.out, "loss.png"))
+        if stopping:
             self.log(f"interrupted at step {self.step}: checkpoint saved to {path}; "
                      f"continue with --resume {path}")
             return 130
@@ -278,6 +335,47 @@ class Trainer:
                  f"checkpoint {path}")
         return 0
 
+    def stop_agreed(self, requested: bool) -> bool:
+        """Whether to stop after this step. Under torchrun the ranks agree every STOP_CHECK_EVERY
+        steps (a Ctrl-C reaches them at different moments; a rank leaving alone would leave the
+        others waiting in a collective forever)."""
+        if not self.dist.enabled:
+            return requested
+        if self.step % STOP_CHECK_EVERY and self.step < self.total_steps:
+            return False
+        return distributed.any_rank(requested, self.dist, self.device)
+
+    def write_outputs_header(self) -> None:
+        """config.json (the resolved configuration) and, on a fresh run, the grid of real images."""
+        cfg = self.cfg
+        os.makedirs(cfg.out, exist_ok=True)
+        resolved = {**cfg.to_dict(), "backend_resolved": self.backend, "device_resolved": str(self.device),
+                    "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                    "world_size": self.dist.world_size, "global_batch": self.global_batch,
+                    "torch": torch.__version__, "gan_fast": __version__}
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
+        if self.step == 0:
+            first = next(self.data.batches(min(N_FIXED_NOISE, len(self.data)), 0))
+            save_grid(to_model_input(first), os.path.join(cfg.out, "real.png"))
+
+    def write_step_outputs(self, metrics: "MetricsLog", progress: "Progress") -> float:
+        """Evaluation, sample grids and plots due after this step (rank 0); returns the seconds spent
+        evaluating, which images/s and train_s leave out."""
+        cfg, spent = self.cfg, 0.0
+        if self.is_eval_step(self.step):
+            start = time.perf_counter()
+            quality = self.evaluate()
+            spent = time.perf_counter() - start
+            self.eval_seconds += spent
+            metrics.write({"step": self.step, **quality, "eval_s": spent,
+                           "train_s": time.perf_counter() - self.run_start - self.eval_seconds})
+            progress.note(f"[{self.step}/{self.total_steps}] {format_metrics(quality)}")
+            metrics.plot(os.path.join(cfg.out, "loss.png"))
+        if self.is_milestone(self.step):
+            self.save_samples()
+            metrics.plot(os.path.join(cfg.out, "loss.png"))
+        return spent
 
 class StopFlag:
     """Ctrl-C asks the loop to stop after the current step (so the checkpoint holds a whole step);
@@ -309,9 +407,9 @@ class StopFlag:
 class Progress:
     """A tqdm bar on a terminal; plain log lines otherwise (CI logs, files, notebooks' pipes)."""
 
-    def __init__(self, start: int, total: int, log):
+    def __init__(self, start: int, total: int, log, enabled: bool = True):
         self.log, self.total, self.bar = log, total, None
-        if sys.stderr.isatty():
+        if enabled and sys.stderr.isatty():  # one bar per job: rank 0's under torchrun
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
@@ -329,14 +427,21 @@ class Progress:
         else:
             self.log(line)
 
+    def note(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            self.log(line)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per log interval; on resume, rows past the checkpoint's step
-    (written before a crash) are dropped so the file reads as one continuous run."""
+    """metrics.jsonl, one JSON object per log interval (the losses) and one per evaluation (the sample
+    quality: digits_fd, fid, ...; gan_fast.eval); on resume, rows past the checkpoint's step (written
+    before a crash) are dropped so the file reads as one continuous run."""
 
     def __init__(self, path: str, resume_step: int):
         self.path, self.rows = path, []
@@ -363,25 +468,52 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [r["step"] for r in self.rows]
-        fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
-        ax_loss.plot(steps, [r["loss_d"] for r in self.rows], label="Loss_D")
-        ax_loss.plot(steps, [r["loss_g"] for r in self.rows], label="Loss_G")
+        rows = [r for r in self.rows if "loss_d" in r]
+        evals = [r for r in self.rows if "digits_fd" in r or "fid" in r]
+        fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(16.5 if evals else 11, 4))
+        ax_loss, ax_d = axes[:2]
+        steps = [r["step"] for r in rows]
+        ax_loss.plot(steps, [r["loss_d"] for r in rows], label="Loss_D")
+        ax_loss.plot(steps, [r["loss_g"] for r in rows], label="Loss_G")
         ax_loss.set_xlabel("step")
         ax_loss.set_title("losses")
         ax_loss.legend()
-        ax_d.plot(steps, [r["d_x"] for r in self.rows], label="D(x)")
-        ax_d.plot(steps, [r["d_g_z1"] for r in self.rows], label="D(G(z)) before D step")
-        ax_d.plot(steps, [r["d_g_z2"] for r in self.rows], label="D(G(z)) after D step")
+        ax_d.plot(steps, [r["d_x"] for r in rows], label="D(x)")
+        ax_d.plot(steps, [r["d_g_z1"] for r in rows], label="D(G(z)) before D step")
+        ax_d.plot(steps, [r["d_g_z2"] for r in rows], label="D(G(z)) after D step")
         ax_d.set_xlabel("step")
         ax_d.set_ylim(0, 1)
         ax_d.set_title("discriminator outputs")
         ax_d.legend()
+        if evals:
+            self._plot_quality(axes[2], evals)
         fig.tight_layout()
         tmp = path + ".tmp.png"
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
         os.replace(tmp, path)
+
+    @staticmethod
+    def _plot_quality(ax, evals: list[dict]) -> None:
+        """Distances (lower is better) on a log scale; coverage and confidence on a 0..1 twin axis."""
+        lines = []
+        for key, label in (("digits_fd", "digits FD"), ("fid", "FID")):
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            if points:
+                lines += ax.plot(*zip(*points), marker="o", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("distance (lower is better)")
+        ax.set_title("sample quality")
+        points = [r for r in evals if "digits_coverage" in r]
+        if points:
+            twin = ax.twinx()
+            for key, label, style in (("digits_coverage", "class coverage", "--"),
+                                      ("digits_confidence", "confidence", ":")):
+                lines += twin.plot([r["step"] for r in points], [r[key] for r in points], style,
+                                   color="gray" if key == "digits_coverage" else "black", label=label)
+            twin.set_ylim(0, 1.05)
+        ax.legend(lines, [line.get_label() for line in lines], loc="lower left")
 
 
 def resolve_config(args: argparse.Namespace, given: set[str]) -> tuple[TrainConfig, dict | None]:
@@ -424,7 +556,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg, state = resolve_config(args, given_flags(parser, argv))
-    return Trainer(cfg, state).run()
+    try:  # under torchrun: join the process group; each rank gets its device
+        dist, device = distributed.init(cfg.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        if dist.enabled:
+            cfg = dataclasses.replace(cfg, device=device)
+        return Trainer(cfg, state, log=print if dist.is_main else _silent, dist=dist).run()
+    finally:
+        distributed.shutdown()
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0: one copy of every line is enough."""
 
 
 def cli() -> None:

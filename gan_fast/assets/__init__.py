@@ -1,1 +1,1 @@
-"""Package data: the embedded digits (see README.md here)."""
+"""Package data: the embedded digits and the digit classifier of gan_fast.eval (see README.md here)."""
