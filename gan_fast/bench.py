@@ -12,8 +12,8 @@ Cases:
   where a model of ``<setting>`` runs it. The runs are found by ``gan_fast.fuse``'s own pattern
   matcher in the models of ``gan_fast.models``, so every op the fused models run is here, at every
   shape they run it. ``reference`` is the nn.Sequential of the original layers (BatchNorm in training
-  mode), the compile providers are torch.compile of that Sequential, ``triton`` / ``ext`` call
-  ``gan_fast.backends.ops_for(name).<op>`` directly on the same tensors.
+  mode), the compile providers are torch.compile of that Sequential, ``triton`` / ``ext`` are that
+  Sequential after ``gan_fast.fuse(seq, name)``: the fused module users run, on the same tensors.
 - ``step/<setting>-b<batch>[-bf16]``: ``Trainer.train_step``, the whole training step users run (D on
   a real and a fake batch, G through D, both Adam steps), on uint8 batches already in device memory.
   ``triton`` / ``ext`` are Trainers with that backend and their defaults, so on CUDA the step is
@@ -357,49 +357,7 @@ class _DHeadLoss(nn.Module):
         return F.binary_cross_entropy_with_logits(logits.float(), target)
 
 
-def _fused_call(op: str, run: list[nn.Module], dtype: torch.dtype):
-    """f(ops, x[, target]) calling backend ``ops``'s fused op on the run's tensors, with the autocast
-    casts the fused modules of gan_fast.fuse make (conv / linear weight and bias to the compute dtype,
-    BatchNorm parameters kept fp32)."""
-    gemm = next(m for m in run if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)))
-    bn = next((m for m in run if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
-    act = run[-1]
-
-    def cast(t):
-        return None if t is None else t.to(dtype)
-
-    def bn_args():
-        return (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-
-    bn_kw = {} if bn is None else dict(training=True, momentum=bn.momentum, eps=bn.eps)
-    if op == "conv_transpose2d_bn_relu":
-        return lambda ops, x: ops.conv_transpose2d_bn_relu(
-            x, cast(gemm.weight), *bn_args(), stride=gemm.stride, padding=gemm.padding, **bn_kw)
-    if op == "conv2d_bn_leaky_relu":
-        return lambda ops, x: ops.conv2d_bn_leaky_relu(
-            x, cast(gemm.weight), *bn_args(), stride=gemm.stride, padding=gemm.padding,
-            negative_slope=act.negative_slope, **bn_kw)
-    if op == "upsample_conv2d_bn_relu":
-        return lambda ops, x: ops.upsample_conv2d_bn_relu(
-            x, cast(gemm.weight), *bn_args(), padding=gemm.padding, **bn_kw)
-    if op == "linear_bn_leaky_relu":
-        return lambda ops, x: ops.linear_bn_leaky_relu(
-            x, cast(gemm.weight), cast(gemm.bias), *bn_args(), negative_slope=act.negative_slope, **bn_kw)
-    if op == "conv2d_leaky_relu":
-        return lambda ops, x: ops.conv2d_leaky_relu(
-            x, cast(gemm.weight), cast(gemm.bias), stride=gemm.stride, padding=gemm.padding,
-            negative_slope=act.negative_slope)
-    if op == "conv_transpose2d_tanh":
-        return lambda ops, x: ops.conv_transpose2d_tanh(
-            x, cast(gemm.weight), cast(gemm.bias), stride=gemm.stride, padding=gemm.padding)
-    if op == "d_head_bce_with_logits":
-        return lambda ops, x, target: ops.d_head_bce_with_logits(x, cast(gemm.weight), target)[0]
-    raise ValueError(f"unknown op {op!r}")
-
-
 def _build_op(case: Case, provider: str, device: torch.device) -> Runner:
-    from .backends import ops_for
-
     dtype = DTYPES[case.dtype]
     net = build_model(case.model, SETTINGS[case.setting])
     run = [copy.deepcopy(m) for m in list(net.main)[case.layer:case.layer + case.span]]
@@ -418,24 +376,25 @@ def _build_op(case: Case, provider: str, device: torch.device) -> Runner:
     mark_step = _compile_mark_step(provider)
 
     if provider in ("triton", "ext"):
-        ops, call = ops_for(provider), _fused_call(case.op, run, dtype)
+        # the fused modules fuse() builds, as users run them (autocast casts and BatchNorm
+        # bookkeeping included); fuse keeps the Parameters, so ``inputs`` stays valid
+        from .fuse import fuse
 
-        def fn():
-            y = call(ops, *args)
-            return torch.autograd.grad(y, inputs, grad_out)
+        fused = fuse(seq, provider)
+        module = (lambda x, target: fused[0].loss(x, target)[0]) if head else fused
     else:
         module = _DHeadLoss(seq[0]) if head else seq
         if provider in COMPILE_MODES:
             module = _compile(module, provider)
-        autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                    else contextlib.nullcontext())
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
 
-        def fn():
-            if mark_step:
-                torch.compiler.cudagraph_mark_step_begin()
-            with autocast:
-                y = module(*args)
-            return torch.autograd.grad(y, inputs, grad_out)
+    def fn():
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast:
+            y = module(*args)
+        return torch.autograd.grad(y, inputs, grad_out)
 
     return Runner(fn, device, 0.0, keep=(seq, x, grad_out))
 

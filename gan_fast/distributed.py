@@ -105,3 +105,23 @@ def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def merge_moments_over_ranks(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, group):
+    """SyncBatchNorm's one collective, shared by both fused backends: this rank's per-channel
+    (count, mean, M2 = sum of squared deviations), each [C] fp32, all-gathered over ``group`` and merged
+    with Chan et al.'s pairwise formula (1979). Gathering (count, mean, M2) rather than summing (sum,
+    sum of squares) keeps the variance free of cancellation, as nn.SyncBatchNorm does by gathering
+    means and variances; counts are gathered too, so ranks may hold different numbers of values.
+    Returns the global (count, mean, M2)."""
+    channels = mean.shape[0]
+    local = torch.stack([count, mean, m2])                             # [3, C]
+    world = dist.get_world_size(group)
+    gathered = local.new_empty((world * 3, channels))  # rank-major concatenation (gloo and NCCL)
+    # all_gather_single is the newer name (torch >= 2.13) of all_gather_into_tensor
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, local, group=group)
+    n_r, mean_r, m2_r = gathered.view(world, 3, channels).unbind(1)  # [world, C] each
+    total = n_r.sum(0)
+    merged = (n_r * mean_r).sum(0) / total.clamp_min(1.0)
+    return total, merged, (m2_r + n_r * (mean_r - merged) ** 2).sum(0)

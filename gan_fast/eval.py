@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UserError, run_cli
+from .images import quantize
 
 DIGITS_KEYS = ("digits_fd", "digits_coverage", "digits_confidence")
 FID_KEYS = ("fid", "kid", "kid_std")
@@ -159,11 +160,6 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8, the values a PNG of the sample would hold (and that real images have)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 class InceptionFeatures:
     """Inception-v3 pool3 (2048-d) features of torch-fidelity's TF-compatible network (the one FID is
     defined with); gray images are repeated to three channels, everything is resized to 299 inside."""
@@ -175,7 +171,7 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        u8 = to_uint8(images)
+        u8 = quantize(images)
         if u8.shape[1] == 1:
             u8 = u8.expand(-1, 3, -1, -1)
         out = self.model(u8)

@@ -159,19 +159,14 @@ class _SyncBatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, slope, group):
         import torch.distributed as dist
 
-        C = x.shape[1]
+        from .distributed import merge_moments_over_ranks
+
         dims = [0, *range(2, x.dim())]
         var, mean = torch.var_mean(x.to(_acc_dtype(x.dtype)), dim=dims, correction=0)
-        n = x.numel() // C
-        local = torch.stack([torch.full_like(mean, n), mean, var * n])   # (count, mean, M2) x C
+        n = x.numel() // x.shape[1]
+        total, mean, m2 = merge_moments_over_ranks(torch.full_like(mean, n), mean, var * n, group)
+        var = m2 / total
         world = dist.get_world_size(group)
-        gathered = local.new_empty((world * 3, C))
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(gathered, local, group=group)
-        n_r, mean_r, m2_r = gathered.view(world, 3, C).unbind(1)
-        total = n_r.sum(0)
-        mean = (n_r * mean_r).sum(0) / total
-        var = (m2_r + n_r * (mean_r - mean) ** 2).sum(0) / total
         ops = _ops()
         # the eval-mode path of bn_act normalizes with the statistics it is given: the global ones
         stat_dtype = running_mean.dtype if running_mean is not None else mean.dtype

@@ -8,10 +8,15 @@ import numpy as np
 import torch
 
 
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 on x's device and in x's shape: the values a PNG of the sample holds (and that
+    real images have), which is also what the FID feature extractor is given."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C]."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    """[N, C, H, W] in [-1, 1] -> uint8 numpy [N, H, W, C]."""
+    return quantize(x).cpu().permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:

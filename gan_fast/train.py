@@ -26,6 +26,7 @@ from .config import (TrainConfig, UserError, add_model_flags, add_train_flags, c
                      run_cli)
 from .datasets import load_dataset, to_model_input
 from .eval import build_evaluator, format_metrics
+from .fuse import discriminator_loss, fuse
 from .images import save_grid
 from .models import build_models
 
@@ -116,8 +117,6 @@ class Trainer:
         # fuse() keeps every Parameter and buffer object, so the optimizers built above and the
         # state_dict keys are unaffected: checkpoints move freely between backends.
         if self.backend != "reference":
-            from .fuse import fuse
-
             fuse(self.netG, self.backend)
             fuse(self.netD, self.backend)
         self.bce = (F.binary_cross_entropy_with_logits if self.backend == "reference"
@@ -189,8 +188,6 @@ class Trainer:
     def d_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(BCE-with-logits loss of D on x against target, D's logits)."""
         if self.fused_d_head:
-            from .fuse import discriminator_loss
-
             return discriminator_loss(self.netD, x, target, self.bce)
         logits = self.D(x)
         return self.bce(logits.float(), target), logits

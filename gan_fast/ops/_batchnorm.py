@@ -123,31 +123,19 @@ def new_partials(tiles: int, channels: int, device) -> tuple[torch.Tensor, torch
                  for _ in range(3))
 
 
-def sync_partials(partials, channels: int, process_group):
-    """SyncBatchNorm's one collective: this rank's tile partials merged to one (count, mean, M2) row
-    per channel, gathered from every rank of ``process_group`` and merged again (Chan et al.), as one
-    row of partials for ``bn_finalize``. Gathering (count, mean, M2) rather than summing (sum, sum of
-    squares) keeps the variance free of cancellation, as nn.SyncBatchNorm does by gathering means and
-    variances. The ranks' batches may differ in size: counts are gathered too. Returns (partials,
-    total count as a device tensor)."""
-    import torch.distributed as dist
+def sync_partials(partials, process_group):
+    """This rank's tile partials merged to one (count, mean, M2) per channel, then merged over every
+    rank of ``process_group`` (gan_fast.distributed.merge_moments_over_ranks): one row of partials
+    for ``bn_finalize``."""
+    from ..distributed import merge_moments_over_ranks
 
     cnt, pmean, pm2 = partials
     has = cnt > 0  # rows no tile wrote (autotune runs of smaller tiles) hold nothing to merge
     n = cnt.sum(0)
     mean = torch.where(has, cnt * pmean, 0.0).sum(0) / n.clamp_min(1.0)
     m2 = torch.where(has, pm2 + cnt * (pmean - mean) ** 2, 0.0).sum(0)
-    local = torch.stack([n, mean, m2])                                  # [3, C]
-    world = dist.get_world_size(process_group)
-    gathered = local.new_empty((world * 3, channels))  # rank-major concatenation (gloo and NCCL)
-    # all_gather_single is the newer name (torch >= 2.13) of all_gather_into_tensor
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, local, group=process_group)
-    n_r, mean_r, m2_r = gathered.view(world, 3, channels).unbind(1)     # [world, C] each
-    n = n_r.sum(0)
-    mean = (n_r * mean_r).sum(0) / n.clamp_min(1.0)
-    m2 = (m2_r + n_r * (mean_r - mean) ** 2).sum(0)
-    return (n[None], mean[None], m2[None]), n
+    n, mean, m2 = merge_moments_over_ranks(n, mean, m2, process_group)
+    return n[None], mean[None], m2[None]
 
 
 def bn_finalize(partials, channels: int, count: int, bn_weight, bn_bias, running_mean, running_var,
@@ -159,7 +147,7 @@ def bn_finalize(partials, channels: int, count: int, bn_weight, bn_bias, running
     if training and process_group is not None:
         import torch.distributed as dist
 
-        partials, _ = sync_partials(partials, channels, process_group)
+        partials = sync_partials(partials, process_group)
         count = count * dist.get_world_size(process_group)
     else:
         process_group = None
