@@ -1,3 +1,7 @@
+# The annotations below (str | None) are 3.10 syntax when evaluated; pyproject promises Python >= 3.9,
+# where collecting any test would fail without this.
+from __future__ import annotations
+
 import os
 import subprocess
 import sys
