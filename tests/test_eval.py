@@ -48,19 +48,31 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians():
     assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     # 1-d: (m1 - m2)^2 + (s1 - s2)^2
     assert ev.frechet_distance([0.5], [[4.0]], [2.0], [[9.0]]) == pytest.approx(1.5 ** 2 + 1.0, rel=1e-12)
-    # general covariances: tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), checked against scipy's sqrtm
-    rng = np.random.RandomState(2)
-    x, y = rng.randn(5, 5), rng.randn(5, 5)
-    s1, s2 = x @ x.T + 0.1 * np.eye(5), y @ y.T + 0.1 * np.eye(5)
-    linalg = pytest.importorskip("scipy.linalg")
-    r1 = linalg.sqrtm(s1)
-    general = ((mu1[:1] - mu2[:1]) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(r1 @ s2 @ r1)).real
-    assert ev.frechet_distance(np.r_[mu1[:1], 0, 0, 0, 0], s1, np.r_[mu2[:1], 0, 0, 0, 0], s2) == \
-        pytest.approx(general, rel=1e-8)
+    # non-commuting covariances, in closed form without any matrix square root: for 2x2 matrices whose
+    # product has eigenvalues l1, l2 >= 0, tr((S1 S2)^1/2) = sqrt(l1) + sqrt(l2)
+    # = sqrt(tr(S1 S2) + 2 sqrt(det(S1) det(S2)))
+    s1, s2 = np.array([[2.0, 0.9], [0.9, 1.0]]), np.array([[1.0, -0.6], [-0.6, 3.0]])
+    tr_root = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    m1, m2 = np.array([0.5, -1.0]), np.array([0.0, 2.0])
+    general = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_root
+    assert ev.frechet_distance(m1, s1, m2, s2) == pytest.approx(general, rel=1e-10)
     # and from samples of the two Gaussians, the estimate converges to the closed form
+    rng = np.random.RandomState(2)
     fa = rng.randn(40000, 3) * np.sqrt(a) + mu1
     fb = rng.randn(40000, 3) * np.sqrt(b) + mu2
     assert ev.frechet_distance_features(fa, fb) == pytest.approx(expected, rel=0.03)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    # A separate test, so that a missing scipy skips only this comparison, not the closed forms above.
+    linalg = pytest.importorskip("scipy.linalg")
+    mu1, mu2 = np.array([0.0, 1.0, -2.0, 0.0, 0.0]), np.array([1.0, 1.0, 0.5, 0.0, 0.0])
+    rng = np.random.RandomState(2)
+    x, y = rng.randn(5, 5), rng.randn(5, 5)
+    s1, s2 = x @ x.T + 0.1 * np.eye(5), y @ y.T + 0.1 * np.eye(5)
+    r1 = linalg.sqrtm(s1)
+    general = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(r1 @ s2 @ r1)).real
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(general, rel=1e-8)
 
 
 def test_running_stats_match_the_batch_formula():
@@ -348,12 +360,28 @@ def test_ema_in_training_checkpoint_resume_and_sample(tmp_path, backend, capsys)
     assert Image.open(tmp_path / "e.png").tobytes() != Image.open(tmp_path / "g.png").tobytes()
 
 
-def test_ema_added_on_resume_starts_from_g(tmp_path):
+def test_ema_added_on_resume_starts_from_g(tmp_path, capsys):
     out = str(tmp_path)
     assert train_main([*TINY, "--steps", "2", "--out", out]) == 0
+    g2 = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["netG"]  # G at step 2
+    capsys.readouterr()
     assert train_main(["--resume", "--out", out, "--steps", "3", "--ema", "0.99"]) == 0
+    assert "it starts from G at step 2" in capsys.readouterr().out
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert "netG_ema" in state and state["config"]["ema"] == 0.99
+    assert state["step"] == 3 and state["config"]["ema"] == 0.99
+    g3, ema = state["netG"], state["netG_ema"]
+    # Started from G at step 2, then one update after step 3 (EMA.update(3)):
+    # ema = lerp(G2, G3, 1 - decay_at(3)), decay_at(3) = min(0.99, 4 / 13); buffers are copied from G.
+    # Not the key's mere presence: an average started from the initial G, or never updated, differs.
+    weight = 1 - min(0.99, (1 + 3) / (10 + 3))
+    assert set(ema) == set(g3)
+    for k in g3:
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(ema[k], g3[k]), k
+        else:
+            assert not torch.equal(g2[k], g3[k]), k  # G moved, so the check below tells them apart
+            torch.testing.assert_close(ema[k], torch.lerp(g2[k], g3[k], weight), rtol=1e-6, atol=1e-7,
+                                       msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("args,message", [
