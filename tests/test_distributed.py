@@ -1,14 +1,14 @@
 """torchrun / DDP on the CPU with gloo and 2 processes, as users launch it."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from gan_fast import backends
 
-from .conftest import ROOT, TINY, run_module
+from .conftest import TINY, run_module
+from .markdown_blocks import blocks, shell_commands
 
 STEPS = ["--steps", "6", "--log-every", "1", "--sample-every", "100", "--workers", "0"]
 FUSED_CPU = backends.unavailable_reason("ext", "cpu")
@@ -71,8 +71,36 @@ def test_sync_bn_with_reference_modules_on_cpu_is_a_clear_error(tmp_path):
     assert "[rank0]: Traceback" not in r.stderr and "exitcode  : 2" in r.stderr
 
 
-def test_launch_is_documented():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    assert "torchrun --nproc_per_node" in readme and "srun" in readme
-    assert sys.executable  # the tests launch torchrun as `python -m torch.distributed.run`
+# The SLURM script's shell expansions, as torchrun would receive them (each must occur: asserted).
+SLURM_VALUES = {"$SLURM_NNODES": "4", "$head:29500": "node0:29500", "$SLURM_JOB_ID": "1234"}
+
+
+def _parse(parser, argv, what):
+    # argparse reports a bad flag by printing and exiting; turn that into a failure that names it
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:
+        raise AssertionError(f"{what} rejects {argv} (exit {e.code})") from None
+
+
+def test_launch_is_documented(capsys):
+    """Every torchrun command in the README is one that torchrun and gan_fast.train accept, as written
+    (the 2-rank tests above run the launch itself, with small flags)."""
+    from torch.distributed.run import get_args_parser
+
+    from gan_fast.train import build_parser
+
+    commands = [c for b in blocks("bash", ["README.md"]) for c in shell_commands(b) if "torchrun" in c]
+    assert len(commands) >= 2 and any(c[0] == "srun" for c in commands), commands  # one node; SLURM
+    used = set()
+    for cmd in commands:
+        argv = cmd[cmd.index("torchrun") + 1:]
+        for i, token in enumerate(argv):
+            if "$" in token:
+                assert token in SLURM_VALUES, f"no value for {token} in SLURM_VALUES"
+                argv[i] = SLURM_VALUES[token]
+                used.add(token)
+        args = _parse(get_args_parser(), argv, "torchrun")
+        assert args.module and args.training_script == "gan_fast.train", cmd
+        _parse(build_parser(), args.training_script_args, "python -m gan_fast.train")
+    assert used == set(SLURM_VALUES), used
