@@ -6,18 +6,74 @@
 - GAN_FAST_NO_EXT=1 skips the extension; GAN_FAST_FORCE_CUDA=1 requires the CUDA build.
 - A failed compile does not fail the install (gan_fast falls back to its other backends and says how
   to rebuild) unless GAN_FAST_EXT_REQUIRED=1, which CI sets so a C++ error turns CI red.
+- Every build's full output (compiler errors included) goes to build/gan_fast_ext_build.log as well
+  as to the terminal: pip hides a successful install's build output, so without the file a tolerated
+  compiler error would leave no trace. gan_fast.ext's unavailable_reason() and the tests name it.
 """
 import glob
 import os
 import sys
+import threading
+import traceback
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_LOG = os.path.join(ROOT, "build", "gan_fast_ext_build.log")  # gan_fast/ext.py names this path too
 
 
 def _flag(name):
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def run_logged(build, log_path):
+    """Run ``build()`` with everything written to file descriptors 1 and 2 (by this process and by the
+    compiler and ninja subprocesses it starts) copied into ``log_path`` while it still reaches the
+    terminal; an exception's traceback is appended to the log and re-raised."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    read_end, write_end = os.pipe()
+    with open(log_path, "wb") as log:
+        def tee():  # pipe -> original stderr + log, until every writer has closed the pipe
+            # It must keep draining whatever fails (a full pipe would block the build), and it ends
+            # with an error only once the join below gave up and closed what it reads and writes.
+            terminal = True
+            try:
+                while True:
+                    chunk = os.read(read_end, 65536)
+                    if not chunk:
+                        break
+                    if terminal:
+                        try:
+                            os.write(saved[1], chunk)
+                        except OSError:  # the terminal went away: the log still gets everything
+                            terminal = False
+                    log.write(chunk)
+            except (OSError, ValueError):
+                pass
+        reader = threading.Thread(target=tee, daemon=True)
+        reader.start()
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        try:
+            build()
+        except BaseException:
+            traceback.print_exc()
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)  # the pipe's last write ends close here: the reader sees EOF
+            os.dup2(saved[1], 2)
+            # A compiler daemon (sccache, ccache's server) started by the build can keep a copy of the
+            # pipe open for ever: the log then ends here rather than the install hanging.
+            reader.join(timeout=30)
+            os.close(read_end)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def extension_setup():
@@ -51,11 +107,12 @@ def extension_setup():
     class TolerantBuildExt(cpp_extension.BuildExtension):
         def run(self):
             try:
-                super().run()
+                run_logged(super().run, BUILD_LOG)
             except Exception as e:  # noqa: BLE001 - any compiler failure
                 if _flag("GAN_FAST_EXT_REQUIRED"):
                     raise
                 print(f"\nWARNING gan_fast: the C++/CUDA extension failed to build ({e}).\n"
+                      f"The compiler's output is in {BUILD_LOG}\n"
                       "gan_fast still works with the reference and triton backends. Rebuild with\n"
                       "  pip install --no-build-isolation -e .\n", file=sys.stderr)
 

@@ -25,6 +25,7 @@ says why and the ops raise BackendUnavailable.
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,17 +41,30 @@ ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_TANH = 0, 1, 2, 3
 OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_backward", "bce_with_logits",
        "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward")
 
-_REBUILD = "rebuild it with `pip install --no-build-isolation -e .` (GAN_FAST_EXT_REQUIRED=1 shows the compiler error)"
+_REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"
+# Where setup.py writes each build's full output, compiler errors included (pip hides it; a failed
+# compile does not fail the install). This path holds for the source checkout of an editable install.
+BUILD_LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build",
+                         "gan_fast_ext_build.log")
+
+
+def _how_to_fix() -> str:
+    if os.path.isfile(BUILD_LOG):
+        log = f"the last build's output (compiler errors included) is in {BUILD_LOG}"
+    else:
+        log = (f"there is no build log at {BUILD_LOG} (installed with GAN_FAST_NO_EXT=1, or not from "
+               "this source tree?)")
+    return f"{log}; {_REBUILD}, or set GAN_FAST_EXT_REQUIRED=1 to make a failed compile fail the install"
 
 
 def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY registrations)
     except (ImportError, OSError) as e:
-        return f"the C++/CUDA extension gan_fast._C is not built or can't be loaded ({e}); {_REBUILD}"
+        return f"the C++/CUDA extension gan_fast._C is not built or can't be loaded ({e}); {_how_to_fix()}"
     missing = [name for name in OPS if not hasattr(torch.ops.gan_fast, name)]
     if missing:
-        return f"gan_fast._C is stale (it lacks {', '.join(missing)}); {_REBUILD}"
+        return f"gan_fast._C is stale (it lacks {', '.join(missing)}); {_how_to_fix()}"
     return None
 
 

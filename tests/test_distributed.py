@@ -5,13 +5,10 @@ import os
 import pytest
 import torch
 
-from gan_fast import backends
-
-from .conftest import TINY, run_module
+from .conftest import TINY, needs_ext, run_module
 from .markdown_blocks import blocks, shell_commands
 
 STEPS = ["--steps", "6", "--log-every", "1", "--sample-every", "100", "--workers", "0"]
-FUSED_CPU = backends.unavailable_reason("ext", "cpu")
 
 
 def torchrun(nproc, *args):
@@ -30,7 +27,7 @@ def weights(out):
     return state["netG"], state["netD"]
 
 
-@pytest.mark.skipif(FUSED_CPU is not None, reason=f"the fused SyncBatchNorm on CPU needs ext: {FUSED_CPU}")
+@needs_ext  # the fused SyncBatchNorm on CPU is ext's
 def test_sync_bn_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     i = TINY.index("--batch-size")
     tiny = TINY[:i + 1] + ["4"] + TINY[i + 2:]  # --batch-size 4 per rank: the same global batch of 8
