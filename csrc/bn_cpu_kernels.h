@@ -217,9 +217,10 @@ void bn_apply_impl(const Tensor& x, const BnShape& s, const Tensor& m, const Ten
   scalar_t* const Y = y.data_ptr<scalar_t>();
   const int64_t C = s.C, S = s.S;
   const acc_t slope = static_cast<acc_t>(slope_d);
+  const bool relu = act == kActRelu;
   with_flag(act != kActNone, [&](auto masked_t) {
     constexpr bool kMasked = decltype(masked_t)::value;
-    auto out = [slope](const Vec& z) { return kMasked ? cpu::leaky(z, slope) : z; };
+    auto out = [slope, relu](const Vec& z) { return kMasked ? cpu::activate(z, relu, slope) : z; };
     if (!s.rows) {
       at::parallel_for(0, s.N * C, std::max<int64_t>(1, 32768 / S), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
@@ -263,6 +264,7 @@ void bn_backward_reduce_impl(const Tensor& dy, const Tensor& x, const BnShape& s
   const scalar_t* const DY = dy.data_ptr<scalar_t>();
   const int64_t C = s.C, S = s.S;
   const acc_t slope = static_cast<acc_t>(slope_d);
+  const bool relu = act == kActRelu;
   acc_t* const gw = gw_t.data_ptr<acc_t>();
   acc_t* const gb = gb_t.data_ptr<acc_t>();
   acc_t* out[2] = {gb, gw};
@@ -278,7 +280,7 @@ void bn_backward_reduce_impl(const Tensor& dy, const Tensor& x, const BnShape& s
           vec_loop<W>(S, [&](int64_t i, int64_t n) {
             const Vec xv = IO::load(xp + i, n);
             Vec dz = IO::load(dyp + i, n);
-            if constexpr (kMasked) dz = cpu::leaky_grad(dz, pre_act(xv, mv, sv, bv), slope);
+            if constexpr (kMasked) dz = cpu::activate_grad(dz, pre_act(xv, mv, sv, bv), relu, slope);
             dz = IO::keep(dz, n);  // the partial vector's padding lanes: x - mean != 0 there
             acc[0] += dz;
             acc[1] += dz * (xv - mv);
@@ -295,7 +297,7 @@ void bn_backward_reduce_impl(const Tensor& dy, const Tensor& x, const BnShape& s
               const Vec mv = Vec::loadu(MEAN + c, n);
               Vec dz = IO::load(dyr + c, n);
               if constexpr (kMasked)
-                dz = cpu::leaky_grad(dz, pre_act(xv, mv, Vec::loadu(SCALE + c, n), Vec::loadu(SHIFT + c, n)), slope);
+                dz = cpu::activate_grad(dz, pre_act(xv, mv, Vec::loadu(SCALE + c, n), Vec::loadu(SHIFT + c, n)), relu, slope);
               (Vec::loadu(p0 + c, n) + dz).store(p0 + c, static_cast<int>(n));
               (Vec::loadu(p1 + c, n) + dz * (xv - mv)).store(p1 + c, static_cast<int>(n));
             });
@@ -336,14 +338,15 @@ void bn_backward_apply_impl(const Tensor& dy, const Tensor& x, const BnShape& s,
   const scalar_t* const DY = dy.data_ptr<scalar_t>();
   scalar_t* const DX = dx.data_ptr<scalar_t>();
   const acc_t slope = static_cast<acc_t>(slope_d);
+  const bool relu = act == kActRelu;
   with_flag(act != kActNone, [&](auto masked_t) {
     with_flag(training, [&](auto training_t) {
       constexpr bool kMasked = decltype(masked_t)::value;
       constexpr bool kTraining = decltype(training_t)::value;
-      auto grad = [slope](const Vec& xv, const Vec& dyv, const Vec& mv, const Vec& sv, const Vec& bv,
+      auto grad = [slope, relu](const Vec& xv, const Vec& dyv, const Vec& mv, const Vec& sv, const Vec& bv,
                           const Vec& c1v, const Vec& c2v) {
         Vec dz = dyv;
-        if constexpr (kMasked) dz = cpu::leaky_grad(dz, pre_act(xv, mv, sv, bv), slope);
+        if constexpr (kMasked) dz = cpu::activate_grad(dz, pre_act(xv, mv, sv, bv), relu, slope);
         if constexpr (kTraining) return (dz - c1v - (xv - mv) * c2v) * sv;
         return dz * sv;
       };

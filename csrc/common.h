@@ -21,6 +21,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <atomic>
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -36,9 +38,23 @@ namespace gan_fast {
 
 using at::Tensor;
 
-// Activation codes shared with gan_fast/ext.py (ACT_*). ReLU is LeakyReLU with slope 0 in every
-// kernel, so the kernels branch on "has a leaky mask" and "is tanh" only.
+// Activation codes shared with gan_fast/ext.py (ACT_*). The BatchNorm kernels pass act through to
+// the activation helpers (cpu_vec.h activate, cuda_common.h activate): ReLU is not LeakyReLU(0),
+// whose 0 * -inf is NaN.
 enum Act : int64_t { kActNone = 0, kActRelu = 1, kActLeakyRelu = 2, kActTanh = 3 };
+
+// Testing hook (gan_fast.ext.poison_outputs, op set_poison_outputs): while set, every buffer a
+// kernel is to fill starts as NaN, so an element a kernel forgets to write fails the tests'
+// comparison instead of passing on whatever the allocator returned. One flag for every translation
+// unit (an inline function's static is shared across them).
+inline std::atomic<bool>& poison_outputs_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+inline Tensor new_output(Tensor t) {
+  if (poison_outputs_flag().load(std::memory_order_relaxed) && t.numel() > 0) t.fill_(NAN);
+  return t;
+}
 
 inline double act_slope(int64_t act, double negative_slope) {
   return act == kActRelu ? 0.0 : negative_slope;
@@ -184,13 +200,13 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_forward(
   Tensor w = channel_param(weight, x, s.C, op, "weight");
   Tensor b = channel_param(bias, x, s.C, op, "bias");
   auto acc = at::toOpMathType(x.scalar_type());
-  Tensor y = at::empty_like(x_);
+  Tensor y = new_output(at::empty_like(x_));
   Tensor mean, var;
   if (training) {
     TORCH_CHECK(s.count() > 1, op, ": expected more than 1 value per channel when training, got input of shape ",
                 x.sizes());
-    mean = at::empty({s.C}, x.options().dtype(acc));
-    var = at::empty({s.C}, x.options().dtype(acc));
+    mean = new_output(at::empty({s.C}, x.options().dtype(acc)));
+    var = new_output(at::empty({s.C}, x.options().dtype(acc)));
     K::bn_stats(x_, s, mean, var);
   } else {
     Tensor rm = channel_param(running_mean, x, s.C, op, "running_mean");
@@ -226,9 +242,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward(
   Tensor m = channel_param(mean, x, s.C, op, "mean");
   Tensor v = channel_param(var, x, s.C, op, "var");
   auto acc = at::toOpMathType(x.scalar_type());
-  Tensor grad_weight = at::empty({s.C}, x.options().dtype(acc));
-  Tensor grad_bias = at::empty({s.C}, x.options().dtype(acc));
-  Tensor grad_x = at::empty_like(x_);
+  Tensor grad_weight = new_output(at::empty({s.C}, x.options().dtype(acc)));
+  Tensor grad_bias = new_output(at::empty({s.C}, x.options().dtype(acc)));
+  Tensor grad_x = new_output(at::empty_like(x_));
   const double slope = act_slope(act, negative_slope);
   if (s.numel() == 0) {
     grad_weight.zero_();
@@ -353,7 +369,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_act_backward(
     // the sign of y, the same as the sign of its input for slope >= 0.
     Tensor y = dense_input(out);
     Tensor gy = same_layout(grad_out, y);
-    g = at::empty_like(y);
+    g = new_output(at::empty_like(y));
     if (g.numel() > 0) K::act_backward(gy, y, act, act_slope(act, negative_slope), g);
   }
   std::vector<int64_t> zeros{0, 0}, ones{1, 1};
@@ -373,7 +389,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_act_backward(
 
 // ---------------------------------------------------------------------------------------------
 // Binary cross-entropy with logits, mean reduction. Per element
-//   loss = max(l, 0) - l * t + log1p(exp(-|l|)),  dloss/dl = sigmoid(l) - t,
+//   loss = (1 - t) * l - min(l, 0) + log1p(exp(-|l|)),  dloss/dl = sigmoid(l) - t,
 // finite for any |l| (the exp argument is never positive). The loss is returned in the
 // accumulation dtype (float32 for half / bfloat16 logits), as autocast runs
 // binary_cross_entropy_with_logits in float32.
@@ -397,7 +413,7 @@ Tensor bce_forward(const Tensor& logits, const Tensor& target) {
   TORCH_CHECK(logits.numel() > 0, op, ": logits is empty");
   Tensor l = logits.contiguous();
   Tensor t = bce_target(target, logits, logits.sizes(), op);
-  Tensor loss = at::empty({}, logits.options().dtype(at::toOpMathType(logits.scalar_type())));
+  Tensor loss = new_output(at::empty({}, logits.options().dtype(at::toOpMathType(logits.scalar_type()))));
   K::bce_forward(l, t, loss);
   return loss;
 }
@@ -411,7 +427,7 @@ Tensor bce_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor&
   Tensor l = logits.contiguous();
   Tensor t = bce_target(target, logits, logits.sizes(), op);
   Tensor g = grad_loss.to(at::toOpMathType(logits.scalar_type())).reshape({});
-  Tensor grad = at::empty_like(l);
+  Tensor grad = new_output(at::empty_like(l));
   if (l.numel() > 0) K::bce_backward(g, l, t, grad);
   return grad;
 }
@@ -423,6 +439,9 @@ inline std::pair<Tensor, Tensor> d_head_operands(const Tensor& x, const Tensor& 
   check_floating(x, op, "input");
   TORCH_CHECK(x.dim() == 4, op, ": input must be 4-D [N, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(x.size(0) > 0, op, ": the batch is empty");
+  // conv2d refuses an empty kernel; a loss of log(2) from zero features would hide the mistake
+  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op,
+              ": the input has no features per sample (shape ", x.sizes(), ")");
   check_same_device(weight, x, op, "weight");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
               " but the input has dtype ", x.scalar_type());
@@ -441,8 +460,8 @@ std::tuple<Tensor, Tensor> d_head_forward(const Tensor& x, const Tensor& weight,
   auto xw = d_head_operands(x, weight, op);
   const int64_t N = x.size(0);
   Tensor t = bce_target(target, x, {N}, op);
-  Tensor logits = at::empty({N}, x.options());
-  Tensor loss = at::empty({}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  Tensor logits = new_output(at::empty({N}, x.options()));
+  Tensor loss = new_output(at::empty({}, x.options().dtype(at::toOpMathType(x.scalar_type()))));
   K::d_head_forward(xw.first, xw.second, t, logits, loss);
   return {loss, logits};
 }
@@ -463,9 +482,9 @@ std::tuple<Tensor, Tensor> d_head_backward(const Tensor& grad_loss, const Tensor
   Tensor t = bce_target(target, x, {N}, op);
   Tensor g = grad_loss.to(acc).reshape({});
   Tensor l = logits.contiguous();
-  Tensor grad_x = output_mask[0] ? at::empty_like(xw.first) : at::empty({0}, x.options());
+  Tensor grad_x = output_mask[0] ? new_output(at::empty_like(xw.first)) : at::empty({0}, x.options());
   // grad_w in w_'s layout, then the weight's own: the Parameter is NCHW-contiguous.
-  Tensor grad_w = output_mask[1] ? at::empty_like(xw.second) : at::empty({0}, x.options());
+  Tensor grad_w = output_mask[1] ? new_output(at::empty_like(xw.second)) : at::empty({0}, x.options());
   K::d_head_backward(g, xw.first, xw.second, t, l, output_mask[0], output_mask[1], grad_x, grad_w);
   if (output_mask[1]) grad_w = grad_w.contiguous();
   return {grad_x, grad_w};

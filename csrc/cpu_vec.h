@@ -54,15 +54,20 @@ struct VecIO {
   }
 };
 
-// LeakyReLU as max(z, 0) + slope * min(z, 0): exactly z or slope * z (one rounding), like torch's
-// leaky_relu, and ReLU for slope 0.
+// The activation after BatchNorm, element for element as torch computes it. ReLU (torch.relu,
+// clamp_min): 0 where z < 0, z elsewhere (NaN and -0 kept); never 0 * z, which is NaN for z = -inf
+// (an fp16 conv that overflows gives one). LeakyReLU (torch's leaky_relu): z where z > 0, else
+// slope * z (one rounding).
 template <typename V, typename A>
-inline V leaky(const V& z, A slope) {
-  return at::vec::maximum(z, V(A(0))) + V(slope) * at::vec::minimum(z, V(A(0)));
+inline V activate(const V& z, bool relu, A slope) {
+  if (relu) return V::blendv(z, V(A(0)), z < V(A(0)));
+  return V::blendv(z * V(slope), z, z > V(A(0)));
 }
-// dL/dz from dL/dy: dy where z > 0, else slope * dy (torch's leaky_relu_backward rule).
+// dL/dz from dL/dy. ReLU: 0 where z <= 0 (torch's threshold_backward, so an infinite dy there gives
+// 0, not NaN), dy elsewhere; LeakyReLU: dy where z > 0, else slope * dy (torch's leaky_relu_backward).
 template <typename V, typename A>
-inline V leaky_grad(const V& dy, const V& z, A slope) {
+inline V activate_grad(const V& dy, const V& z, bool relu, A slope) {
+  if (relu) return V::blendv(dy, V(A(0)), z <= V(A(0)));
   return V::blendv(dy * V(slope), dy, z > V(A(0)));
 }
 

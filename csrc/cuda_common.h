@@ -51,17 +51,30 @@ __device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
 // ---------------------------------------------------------------------------------------------
 // Activations (csrc/cpu_vec.h's leaky / leaky_grad, element by element).
 
-// LeakyReLU (ReLU for slope 0): z or slope * z, one rounding, exactly the CPU kernels'
-// max(z, 0) + slope * min(z, 0) -- the "+ 0" included, which turns ReLU's -0 into +0 as torch.relu.
+// LeakyReLU as torch's leaky_relu: z where z > 0, else slope * z (one rounding).
 template <typename T>
 __device__ __forceinline__ T leaky(T z, T slope) {
-  return z > T(0) ? z : add_rn(mul_rn(z, slope), T(0));
+  return z > T(0) ? z : mul_rn(z, slope);
 }
 
 // dL/dz from dL/dy: dy where z > 0, else slope * dy (torch's leaky_relu_backward rule).
 template <typename T>
 __device__ __forceinline__ T leaky_grad(T dy, T z, T slope) {
   return z > T(0) ? dy : mul_rn(dy, slope);
+}
+
+// The activation after BatchNorm (csrc/cpu_vec.h's activate / activate_grad, element by element).
+// act is kActNone, kActRelu or kActLeakyRelu. ReLU is torch.relu: 0 where z < 0 (never 0 * z, NaN
+// for z = -inf), z elsewhere; its gradient is 0 where z <= 0 (threshold_backward), dy elsewhere.
+template <typename T>
+__device__ __forceinline__ T activate(T z, int act, T slope) {
+  if (act == kActRelu) return z < T(0) ? T(0) : z;
+  return act == kActLeakyRelu ? leaky(z, slope) : z;
+}
+template <typename T>
+__device__ __forceinline__ T activate_grad(T dy, T z, int act, T slope) {
+  if (act == kActRelu) return z <= T(0) ? T(0) : dy;
+  return act == kActLeakyRelu ? leaky_grad(dy, z, slope) : dy;
 }
 
 // tanh accurate to a few ulp whatever the compile flags: --use_fast_math turns tanhf() into the
@@ -76,11 +89,11 @@ __device__ __forceinline__ double tanh_acc(double z) { return ::tanh(z); }  // f
 
 // ---------------------------------------------------------------------------------------------
 // Binary cross-entropy with logits, per element, in double like the CPU kernels
-// (csrc/pointwise_cpu.cpp): max(l, 0) - l * t + log1p(exp(-|l|)) and sigmoid(l) - t.
+// (csrc/pointwise_cpu.cpp): (1 - t) * l - min(l, 0) + log1p(exp(-|l|)) and sigmoid(l) - t.
 
 __device__ __forceinline__ double bce_term(double l, double t) {
-  const double pos = l < 0.0 ? 0.0 : l;  // std::max(l, 0.0), NaN kept
-  return __dadd_rn(__dsub_rn(pos, __dmul_rn(l, t)), ::log1p(::exp(-::fabs(l))));
+  const double neg = l > 0.0 ? 0.0 : l;  // std::min(l, 0.0), NaN kept
+  return __dadd_rn(__dsub_rn(__dmul_rn(__dsub_rn(1.0, t), l), neg), ::log1p(::exp(-::fabs(l))));
 }
 
 // sigmoid(l) without overflow for either sign of l.

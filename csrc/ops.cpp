@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 extern "C" {
 // `import gan_fast._C` loads this shared library, whose static initializers run the
 // TORCH_LIBRARY registrations below; the Python module itself is empty.
@@ -45,4 +47,7 @@ TORCH_LIBRARY(gan_fast, m) {
   // Returns (grad_x, grad_weight); an entry whose output_mask is false is empty ([0]).
   m.def("d_head_bce_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor target, Tensor logits, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+  // Testing hook: NaN-fill every kernel output before the kernel writes it (common.h new_output).
+  m.def("set_poison_outputs(bool enabled) -> ()",
+        [](bool enabled) { gan_fast::poison_outputs_flag().store(enabled); });
 }

@@ -23,8 +23,12 @@ using cpu::VecIO;
 
 constexpr int64_t kGrain = 32768;
 
-// Per-element BCE-with-logits in double: max(l, 0) - l * t + log1p(exp(-|l|)).
-inline double bce_term(double l, double t) { return std::max(l, 0.0) - l * t + std::log1p(std::exp(-std::abs(l))); }
+// Per-element BCE-with-logits in double as torch arranges it: (1 - t) * l - log_sigmoid(l), with
+// log_sigmoid(l) = min(l, 0) - log1p(exp(-|l|)); an infinite logit then gives the reference's inf or
+// NaN (l = +inf, t = 0 is +inf, where max(l, 0) - l * t would give inf - inf).
+inline double bce_term(double l, double t) {
+  return (1.0 - t) * l - std::min(l, 0.0) + std::log1p(std::exp(-std::abs(l)));
+}
 
 // sigmoid(l) without overflow for either sign of l.
 inline double stable_sigmoid(double l) {

@@ -24,12 +24,15 @@ says why and the ops raise BackendUnavailable.
 """
 from __future__ import annotations
 
-import numbers
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import reference
+from .reference import check_momentum as _check_momentum
+from .reference import check_slope, differentiable_backward, loss_dtype, refuse_double_backward_of_sync_bn
 
 __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv_transpose2d_bn_relu",
            "conv_transpose2d_tanh", "d_head_bce_with_logits", "linear_bn_leaky_relu", "unavailable_reason",
@@ -39,7 +42,7 @@ __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv
 ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_TANH = 0, 1, 2, 3
 
 OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_backward", "bce_with_logits",
-       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward")
+       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "set_poison_outputs")
 
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"
 # Where setup.py writes each build's full output, compiler errors included (pip hides it; a failed
@@ -112,18 +115,10 @@ def _check_input(x, dim: int, op: str, what: str) -> None:
         raise ValueError(f"{op}: x must be {dim}-D {what}, got shape {tuple(x.shape)}")
 
 
-def _check_momentum(momentum) -> float:
-    # nn.BatchNorm's momentum=None (cumulative moving average) needs num_batches_tracked, which the
-    # functional op never sees: the caller turns it into the effective momentum 1 / num_batches_tracked
-    # (gan_fast.fuse does, as nn.BatchNorm does before calling F.batch_norm). Passing None on would fail
-    # deep in the dispatcher with a schema error naming an internal op, so say what to do instead.
-    if momentum is None:
-        raise ValueError("momentum=None (nn.BatchNorm's cumulative moving average) must be resolved by the "
-                         "caller: pass the effective momentum, 1 / num_batches_tracked after incrementing it, "
-                         "as gan_fast.fuse does (see docs/ops.md)")
-    if isinstance(momentum, bool) or not isinstance(momentum, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    return momentum
+def set_poison_outputs(enabled: bool) -> None:
+    """Testing hook: while enabled, every buffer an extension kernel is to fill starts as NaN, so an
+    element a kernel forgets to write fails a comparison instead of passing on stale memory."""
+    _ops().set_poison_outputs(bool(enabled))
 
 
 def _as_target(target, like: Tensor) -> Tensor:
@@ -195,6 +190,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
     def backward(ctx, dy):
         import torch.distributed as dist
 
+        refuse_double_backward_of_sync_bn("ext")
         x, weight, bias, mean, var = ctx.saved_tensors
         eps, act, slope, group, count = ctx.conf
         shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
@@ -235,13 +231,13 @@ def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
     _check_input(x, 4, "conv2d_bn_leaky_relu", "[N, C, H, W]")
     y = F.conv2d(x, weight, None, _pair(stride, "stride", 1), _pair(padding, "padding", 0))
     return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                   ACT_LEAKY_RELU, negative_slope, process_group)
+                   ACT_LEAKY_RELU, check_slope(negative_slope), process_group)
 
 
 def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope) -> Tensor:
     """Conv2d -> LeakyReLU (D's first layer); bias may be None."""
     return _ops().conv_act(x, weight, bias, _pair(stride, "stride", 1), _pair(padding, "padding", 0), False,
-                           ACT_LEAKY_RELU, negative_slope)
+                           ACT_LEAKY_RELU, check_slope(negative_slope))
 
 
 def conv_transpose2d_tanh(x, weight, bias, *, stride, padding) -> Tensor:
@@ -256,7 +252,7 @@ def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, runn
     _check_input(x, 2, "linear_bn_leaky_relu", "[N, in_features]")
     y = F.linear(x, weight, bias)
     return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                   ACT_LEAKY_RELU, negative_slope, process_group)
+                   ACT_LEAKY_RELU, check_slope(negative_slope), process_group)
 
 
 # Nearest x2 upsampling then a 3x3 stride-1 pad-1 convolution is exactly a 4x4 stride-2 pad-1
@@ -281,7 +277,12 @@ def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running
     """Upsample(x2, nearest) -> Conv2d(bias=False, stride 1) -> BatchNorm2d -> ReLU."""
     _check_input(x, 4, "upsample_conv2d_bn_relu", "[N, C, H, W]")
     padding = _pair(padding, "padding", 0)
-    if weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and padding == [1, 1]:
+    # The folded form multiplies each input pixel by sums of taps: with an inf in x (or w) that is
+    # inf * (w1 + w2) where the reference computes inf * w1 + inf * w2, NaN for taps of opposite signs.
+    # So it runs only on finite values, which a CPU tensor tells without a device sync; elsewhere the
+    # direct form keeps the reference's non-finite pattern.
+    if (weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and padding == [1, 1] and x.device.type == "cpu"
+            and bool(torch.isfinite(x).all()) and bool(torch.isfinite(weight).all())):
         y = F.conv_transpose2d(x, _upsample3x3_as_transposed(weight), None, 2, 1)
     else:
         y = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, None, 1, padding)
@@ -295,7 +296,9 @@ def d_head_bce_with_logits(x, weight, target) -> tuple[Tensor, Tensor]:
     Returns (loss, logits [N]); logits carry no gradient. The loss is float32 for half / bfloat16
     inputs (float64 for float64), as autocast computes binary_cross_entropy_with_logits.
     """
-    return tuple(_ops().d_head_bce(x, weight, _as_target(target, x)))
+    target = _as_target(target, x)
+    loss, logits = _ops().d_head_bce(x, weight, target)
+    return loss.to(loss_dtype(x.dtype, target.dtype)), logits
 
 
 def bce_with_logits(logits, target) -> Tensor:
@@ -303,7 +306,8 @@ def bce_with_logits(logits, target) -> Tensor:
 
     The loss is float32 for half / bfloat16 logits (float64 for float64), as under autocast.
     """
-    return _ops().bce_with_logits(logits, _as_target(target, logits))
+    target = _as_target(target, logits)
+    return _ops().bce_with_logits(logits, target).to(loss_dtype(logits.dtype, target.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +359,22 @@ def _check_devices(op: str, x: Tensor, ref: str = "the input", **tensors) -> Non
                          lambda: f"gan_fast::{op}: {name} is on {t.device} but {ref} is on {x.device}")
 
 
+def _bn_act_reference(x, weight, bias, mean, var, training, eps, act, slope):
+    """bn_act's output as torch ops (for second-order gradients): training normalizes with the batch's
+    own statistics, eval with the saved running ones."""
+    y = F.batch_norm(x, None if training else mean, None if training else var, weight, bias, training, 0.0, eps)
+    if act == ACT_RELU:
+        return F.relu(y)
+    return F.leaky_relu(y, slope) if act == ACT_LEAKY_RELU else y
+
+
+def _conv_act_reference(x, weight, bias, stride, padding, transposed, act, slope):
+    """conv_act's output as torch ops (for second-order gradients)."""
+    conv = F.conv_transpose2d if transposed else F.conv2d
+    z = conv(x, weight, bias, stride, padding)
+    return torch.tanh(z) if act == ACT_TANH else F.leaky_relu(z, slope)
+
+
 def _register() -> None:
     lib = "gan_fast::"
 
@@ -388,6 +408,10 @@ def _register() -> None:
 
     def bn_backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, bias, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return (*differentiable_backward(lambda *t: _bn_act_reference(*t, mean, var, *ctx.args),
+                                             (x, weight, bias), (grad_y,), ctx.needs_input_grad[:3]),
+                    None, None, None, None, None, None)
         gx, gw, gb = torch.ops.gan_fast.bn_act_backward(grad_y, x, weight, bias, mean, var, *ctx.args)
         need = ctx.needs_input_grad
         return (gx if need[0] else None, gw.to(weight.dtype) if need[1] else None,
@@ -416,12 +440,16 @@ def _register() -> None:
 
     def conv_setup(ctx, inputs, output):
         x, weight, bias, stride, padding, transposed, act, slope = inputs
-        ctx.save_for_backward(x, weight, output)
+        ctx.save_for_backward(x, weight, bias, output)
         ctx.args = (bias is not None, stride, padding, transposed, act, slope)
 
     def conv_backward(ctx, grad_y):
-        x, weight, out = ctx.saved_tensors
+        x, weight, bias, out = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return (*differentiable_backward(lambda *t: _conv_act_reference(*t, *ctx.args[1:]),
+                                             (x, weight, bias), (grad_y,), need[:3]),
+                    None, None, None, None, None)
         gx, gw, gb = torch.ops.gan_fast.conv_act_backward(grad_y, out, x, weight, *ctx.args, list(need[:3]))
         return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None,
                 None, None, None, None, None)
@@ -445,6 +473,8 @@ def _register() -> None:
     def bce_backward(ctx, grad):
         logits, target = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return tuple(differentiable_backward(reference.bce_with_logits, (logits, target), (grad,), need))
         gl = torch.ops.gan_fast.bce_with_logits_backward(grad, logits, target) if need[0] else None
         # d loss / d target = -logit / numel (per element, before broadcasting).
         gt = _sum_to(logits.to(grad.dtype) * (-grad / logits.numel()), target) if need[1] else None
@@ -456,6 +486,8 @@ def _register() -> None:
     @torch.library.register_fake(lib + "d_head_bce")
     def _(x, weight, target):
         torch._check(x.dim() == 4, lambda: f"gan_fast::d_head_bce: input must be 4-D, got {x.dim()}-D")
+        torch._check(x.shape[1] * x.shape[2] * x.shape[3] > 0,
+                     lambda: f"gan_fast::d_head_bce: the input has no features per sample (shape {tuple(x.shape)})")
         _check_devices("d_head_bce", x, weight=weight, target=target)
         return x.new_empty((), dtype=_acc_dtype(x.dtype)), x.new_empty((x.shape[0],))
 
@@ -474,6 +506,9 @@ def _register() -> None:
     def head_backward(ctx, grad_loss, _grad_logits):
         x, weight, target, logits = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return tuple(differentiable_backward(reference.d_head_bce_with_logits, (x, weight, target),
+                                                 (grad_loss, None), need))
         gx = gw = gt = None
         if need[0] or need[1]:
             gx, gw = torch.ops.gan_fast.d_head_bce_backward(grad_loss, x, weight, target, logits,

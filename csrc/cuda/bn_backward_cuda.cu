@@ -38,7 +38,7 @@ __global__ __launch_bounds__(kThreads) void reduce_planes_kernel(const scalar_t*
                                                                  const scalar_t* __restrict__ x, int64_t N,
                                                                  int64_t C, int64_t S,
                                                                  ChannelParams<at::opmath_type<scalar_t>> prm,
-                                                                 at::opmath_type<scalar_t> slope, bool masked,
+                                                                 at::opmath_type<scalar_t> slope, int act_kind,
                                                                  GradOut<at::opmath_type<scalar_t>> out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
@@ -53,7 +53,7 @@ __global__ __launch_bounds__(kThreads) void reduce_planes_kernel(const scalar_t*
       load_vec<VEC>(dy + base + i * VEC, gv);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const acc_t dz = masked_grad(gv[j], xv[j], k, slope, masked);
+        const acc_t dz = masked_grad(gv[j], xv[j], k, slope, act_kind);
         acc.v[0] += dz;
         acc.v[1] += dz * (xv[j] - k.mean);
       }
@@ -68,7 +68,7 @@ template <typename scalar_t, int VEC>
 __global__ __launch_bounds__(kThreads) void reduce_rows_kernel(const scalar_t* __restrict__ dy,
                                                                const scalar_t* __restrict__ x, int64_t M, int64_t C,
                                                                ChannelParams<at::opmath_type<scalar_t>> prm,
-                                                               at::opmath_type<scalar_t> slope, bool masked,
+                                                               at::opmath_type<scalar_t> slope, int act_kind,
                                                                GradOut<at::opmath_type<scalar_t>> out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t cv = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -88,7 +88,7 @@ __global__ __launch_bounds__(kThreads) void reduce_rows_kernel(const scalar_t* _
       load_vec<VEC>(dy + off, gv);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const acc_t dz = masked_grad(gv[j], xv[j], k[j], slope, masked);
+        const acc_t dz = masked_grad(gv[j], xv[j], k[j], slope, act_kind);
         acc[j].v[0] += dz;
         acc[j].v[1] += dz * (xv[j] - k[j].mean);
       }
@@ -126,7 +126,7 @@ void bn_backward_reduce_cuda(const Tensor& dy, const Tensor& x, const BnShape& s
   const scalar_t* X = x.data_ptr<scalar_t>();
   const scalar_t* DY = dy.data_ptr<scalar_t>();
   const auto prm = channel_params<acc_t>(mean, var, w, b, eps);
-  const bool masked = act != kActNone;
+  const int act_kind = static_cast<int>(act);
   const acc_t slope_a = static_cast<acc_t>(slope);
   GradOut<acc_t> out{grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), nullptr, s.C};
   const int vec = vec_width<scalar_t>(s.rows ? s.C : s.S, {X, DY});
@@ -150,9 +150,9 @@ void bn_backward_reduce_cuda(const Tensor& dy, const Tensor& x, const BnShape& s
   with_vec<scalar_t>(vec, [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
     if (s.rows) {
-      reduce_rows_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(DY, X, s.count(), s.C, prm, slope_a, masked, out);
+      reduce_rows_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(DY, X, s.count(), s.C, prm, slope_a, act_kind, out);
     } else {
-      reduce_planes_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(DY, X, s.N, s.C, s.S, prm, slope_a, masked, out);
+      reduce_planes_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(DY, X, s.N, s.C, s.S, prm, slope_a, act_kind, out);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -175,7 +175,7 @@ struct BackwardParams {
   acc_t inv_count;
   acc_t slope;
   bool training;
-  bool masked;
+  int act_kind;
 };
 
 template <typename acc_t>
@@ -196,7 +196,7 @@ __device__ __forceinline__ BackwardCoeffs<acc_t> load_backward_coeffs(const Back
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_input(acc_t dy, acc_t x, const BackwardCoeffs<acc_t>& r,
                                             const BackwardParams<acc_t>& p) {
-  const acc_t dz = masked_grad(dy, x, r.k, p.slope, p.masked);
+  const acc_t dz = masked_grad(dy, x, r.k, p.slope, p.act_kind);
   return p.training ? mul_rn(sub_rn(sub_rn(dz, r.c1), mul_rn(sub_rn(x, r.k.mean), r.c2)), r.k.scale)
                     : mul_rn(dz, r.k.scale);
 }

@@ -66,11 +66,10 @@ __device__ __forceinline__ acc_t pre_act(acc_t x, const Coeffs<acc_t>& k) {
   return add_rn(mul_rn(sub_rn(x, k.mean), k.scale), k.shift);
 }
 
-// dL/dz: dy through the activation's mask (ReLU / LeakyReLU), or dy.
+// dL/dz: dy through the activation's mask (act: kActNone, kActRelu or kActLeakyRelu).
 template <typename acc_t>
-__device__ __forceinline__ acc_t masked_grad(acc_t dy, acc_t x, const Coeffs<acc_t>& k, acc_t slope,
-                                             bool masked) {
-  return masked ? leaky_grad(dy, pre_act(x, k), slope) : dy;
+__device__ __forceinline__ acc_t masked_grad(acc_t dy, acc_t x, const Coeffs<acc_t>& k, acc_t slope, int act) {
+  return act == kActNone ? dy : activate_grad(dy, pre_act(x, k), act, slope);
 }
 
 // ---------------------------------------------------------------------------------------------

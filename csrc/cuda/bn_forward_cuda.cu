@@ -174,7 +174,7 @@ __global__ __launch_bounds__(kThreads) void apply_planes_kernel(const scalar_t* 
                                                                 scalar_t* __restrict__ y, int64_t N, int64_t C,
                                                                 int64_t S,
                                                                 ChannelParams<at::opmath_type<scalar_t>> prm,
-                                                                at::opmath_type<scalar_t> slope, bool masked) {
+                                                                at::opmath_type<scalar_t> slope, int act_kind) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
   const Coeffs<acc_t> k = load_coeffs(prm, c);
@@ -187,7 +187,7 @@ __global__ __launch_bounds__(kThreads) void apply_planes_kernel(const scalar_t* 
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const acc_t z = pre_act(v[j], k);
-        v[j] = masked ? leaky(z, slope) : z;
+        v[j] = activate(z, act_kind, slope);
       }
       store_vec<VEC>(y + base + i * VEC, v);
     }
@@ -198,7 +198,7 @@ template <typename scalar_t, int VEC>
 __global__ __launch_bounds__(kThreads) void apply_rows_kernel(const scalar_t* __restrict__ x,
                                                               scalar_t* __restrict__ y, int64_t M, int64_t C,
                                                               ChannelParams<at::opmath_type<scalar_t>> prm,
-                                                              at::opmath_type<scalar_t> slope, bool masked) {
+                                                              at::opmath_type<scalar_t> slope, int act_kind) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t cv = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv * VEC >= C) return;  // no block-wide synchronisation below
@@ -212,7 +212,7 @@ __global__ __launch_bounds__(kThreads) void apply_rows_kernel(const scalar_t* __
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const acc_t z = pre_act(v[j], k[j]);
-      v[j] = masked ? leaky(z, slope) : z;
+      v[j] = activate(z, act_kind, slope);
     }
     store_vec<VEC>(y + off, v);
   }
@@ -225,7 +225,7 @@ void bn_apply_cuda(const Tensor& x, const BnShape& s, const Tensor& mean, const 
   const scalar_t* X = x.data_ptr<scalar_t>();
   scalar_t* Y = y.data_ptr<scalar_t>();
   const auto prm = channel_params<acc_t>(mean, var, w, b, eps);
-  const bool masked = act != kActNone;
+  const int act_kind = static_cast<int>(act);
   const acc_t slope_a = static_cast<acc_t>(slope);
   const int vec = vec_width<scalar_t>(s.rows ? s.C : s.S, {X, Y});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -235,13 +235,13 @@ void bn_apply_cuda(const Tensor& x, const BnShape& s, const Tensor& mean, const 
       const dim3 block = rows_block(s.C / VEC);
       dim3 grid(static_cast<unsigned>(ceil_div(s.C / VEC, block.x)));
       grid.y = elementwise_splits(grid.x, s.count(), block.y);
-      apply_rows_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(X, Y, s.count(), s.C, prm, slope_a, masked);
+      apply_rows_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(X, Y, s.count(), s.C, prm, slope_a, act_kind);
     } else {
       check_grid_x(s.C, "gan_fast::bn_act");
       const dim3 block = planes_block(s.S / VEC);
       dim3 grid(static_cast<unsigned>(s.C));
       grid.y = elementwise_splits(grid.x, s.N, block.y);
-      apply_planes_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(X, Y, s.N, s.C, s.S, prm, slope_a, masked);
+      apply_planes_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(X, Y, s.N, s.C, s.S, prm, slope_a, act_kind);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -117,6 +117,15 @@ class BatchNormStats:
         return self.mean, self.invstd, self.scale, self.shift
 
 
+def eval_stats(training: bool, running_mean, running_var):
+    """What a second-order backward needs to replay an eval-mode forward: copies of the running
+    statistics it normalized with (later training steps update the originals in place). Training mode
+    replays from the batch alone."""
+    if training or running_mean is None:
+        return None, None
+    return running_mean.detach().clone(), running_var.detach().clone()
+
+
 def new_partials(tiles: int, channels: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zeroed (count, mean, M2) partials for ``tiles`` tiles of ``channels`` channels."""
     return tuple(torch.zeros((max(tiles, 1), channels), device=device, dtype=torch.float32)

@@ -134,8 +134,11 @@ def check_weight(x: torch.Tensor, weight, in_channels_dim: int, name: str = "wei
 
 
 def check_bias(x: torch.Tensor, bias, channels: int, name: str = "bias") -> None:
+    """A conv / linear bias: [channels], x's device and dtype (as F.conv2d and F.linear require)."""
     if bias is not None:
         check_tensor(bias, name, dim=1, device=x.device, shape=(channels,))
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {bias.dtype} but the input has {x.dtype}")
 
 
 def grad_of(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:

@@ -123,6 +123,10 @@ def _conv2d_kernel(
                 acc = mma(a, b, acc, DOT_FP32, TF32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # The reference conv hands BatchNorm and the activation its output rounded to the tensor's dtype;
+    # statistics of the unrounded accumulator would normalize the stored 16-bit z with a mean it never
+    # had (a channel whose mean dwarfs its spread comes out all wrong). A no-op for fp32.
+    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
     if STATS:
         store_tile_stats(acc, m_ok, offs_n, n_ok, pid_m, C_out, cnt_ptr, pmean_ptr, pm2_ptr)
     acc = apply_activation(acc, ACT, slope)
@@ -196,6 +200,10 @@ def _conv_transpose2d_kernel(
                         acc = mma(a, b, acc, DOT_FP32, TF32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # The reference conv hands BatchNorm and the activation its output rounded to the tensor's dtype;
+    # statistics of the unrounded accumulator would normalize the stored 16-bit z with a mean it never
+    # had (a channel whose mean dwarfs its spread comes out all wrong). A no-op for fp32.
+    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
     if STATS:
         store_tile_stats(acc, m_ok, offs_n, n_ok, phase * tl.num_programs(0) + pid_m, C_out,
                          cnt_ptr, pmean_ptr, pm2_ptr)

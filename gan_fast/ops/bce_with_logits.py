@@ -1,6 +1,6 @@
 """binary_cross_entropy_with_logits(logits, target), mean reduction, forward and backward in Triton.
 
-Stable for any logit: loss = max(l, 0) - l*t + log1p(exp(-|l|)) never exponentiates a positive
+Stable for any logit: loss = (1 - t)*l - min(l, 0) + log1p(exp(-|l|)) never exponentiates a positive
 number, and log1p is evaluated accurately for tiny arguments (below), so confident logits keep their
 small losses instead of rounding them to 0. The mean is reduced in fp32 with one atomic add per
 block. The backward reads the incoming loss gradient through a pointer, so no host sync is needed.
@@ -8,10 +8,11 @@ block. The backward reads the incoming loss gradient through a pointer, so no ho
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .. import reference
+from ..reference import differentiable_backward, loss_dtype
 from ._common import INTERPRET, check_input, check_tensor, new_output
 
 _BLOCK = 1024 if not INTERPRET else 4096
@@ -29,7 +30,10 @@ def log1p_fp32(u):
 
 @triton.jit
 def bce_with_logits_fp32(logit, target):
-    return tl.maximum(logit, 0.0) - logit * target + log1p_fp32(tl.exp(-tl.abs(logit)))
+    # (1 - t) * l - log_sigmoid(l), with log_sigmoid(l) = min(l, 0) - log1p(exp(-|l|)): torch's own
+    # arrangement, so an infinite logit gives the reference's inf (l = +inf, t = 0) rather than the
+    # NaN of max(l, 0) - l * t
+    return (1.0 - target) * logit - tl.minimum(logit, 0.0) + log1p_fp32(tl.exp(-tl.abs(logit)))
 
 
 @triton.jit
@@ -63,11 +67,6 @@ def _bce_backward_kernel(logit_ptr, target_ptr, grad_loss_ptr, dlogit_ptr, dtarg
         tl.store(dtarget_ptr + offs, (-logit * g).to(dtarget_ptr.dtype.element_ty), mask=ok)
 
 
-def bce_with_logits_reference(logits, target):
-    """The torch op this op must equal."""
-    return F.binary_cross_entropy_with_logits(logits, target)
-
-
 def bce_forward(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """fp32 scalar mean loss of flat contiguous logits and target of equal numel."""
     loss = torch.zeros((), device=logits.device, dtype=torch.float32)
@@ -93,14 +92,17 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, logits, target):
         flat_logits = logits.reshape(-1).contiguous()
         flat_target = target.expand(logits.shape).reshape(-1).contiguous()
-        ctx.save_for_backward(flat_logits, flat_target)
+        ctx.save_for_backward(logits, target, flat_logits, flat_target)
         ctx.shapes = (logits.shape, target.shape, target.dtype)
-        out_dtype = torch.promote_types(logits.dtype, target.dtype)
+        out_dtype = loss_dtype(logits.dtype, target.dtype)
         return bce_forward(flat_logits, flat_target).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        flat_logits, flat_target = ctx.saved_tensors
+        logits, target, flat_logits, flat_target = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return tuple(differentiable_backward(reference.bce_with_logits, (logits, target), (grad_loss,),
+                                                 ctx.needs_input_grad))
         logit_shape, target_shape, target_dtype = ctx.shapes
         dlogits, dtarget = bce_backward(grad_loss, flat_logits, flat_target, flat_logits.dtype,
                                         ctx.needs_input_grad[1])

@@ -9,20 +9,13 @@ weight gradient as a split-K GEMM.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import reference
+from ..reference import check_momentum, check_slope, differentiable_backward, refuse_double_backward_of_sync_bn
 from ._activation import LEAKY_RELU
-from ._batchnorm import BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize
+from ._batchnorm import BatchNormStats, eval_stats, bn_activation_backward, bn_activation_forward, bn_finalize
 from ._common import check_bn, check_input, check_weight, empty_like_format, grad_of, pair
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
-
-
-def conv2d_bn_leaky_relu_reference(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
-                                   stride, padding, training, momentum, eps, negative_slope):
-    """The composition of torch ops this op must equal."""
-    z = F.conv2d(x, weight, None, stride, padding)
-    z = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-    return F.leaky_relu(z, negative_slope)
 
 
 def conv2d_bn_leaky_relu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
@@ -52,15 +45,27 @@ class Conv2dBatchNormLeakyReLUFunction(torch.autograd.Function):
         y, z, stats = conv2d_bn_leaky_relu_forward(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, training,
             momentum, eps, slope, process_group)
-        ctx.save_for_backward(x, weight, z, *stats.tensors())
+        ctx.save_for_backward(x, weight, z, bn_weight, bn_bias, *stats.tensors())
         ctx.conf = (stride, padding, training, stats.count, slope, stats.process_group)
         ctx.affine_dtypes = tuple(t.dtype if t is not None else None for t in (bn_weight, bn_bias))
+        ctx.eval_stats = eval_stats(training, running_mean, running_var)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, z, *stat_tensors = ctx.saved_tensors
+        x, weight, z, bn_weight, bn_bias, *stat_tensors = ctx.saved_tensors
         stride, padding, training, count, slope, group = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            if group is not None:
+                refuse_double_backward_of_sync_bn("triton")
+            rm, rv = ctx.eval_stats
+            return (*differentiable_backward(
+                lambda *t: reference.conv2d_bn_leaky_relu(
+                    *t, stride=stride, padding=padding, training=training, momentum=0.0, eps=ctx.eps,
+                    negative_slope=slope),
+                (x, weight, bn_weight, bn_bias, rm, rv), (dy,), ctx.needs_input_grad[:6]),
+                None, None, None, None, None, None, None)
         dx, dw, dgamma, dbeta = conv2d_bn_leaky_relu_backward(
             dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), stride, padding, training,
             slope, ctx.needs_input_grad[:2])
@@ -69,15 +74,6 @@ class Conv2dBatchNormLeakyReLUFunction(torch.autograd.Function):
                 dgamma.to(gamma_dtype) if ctx.needs_input_grad[2] else None,
                 dbeta.to(beta_dtype) if ctx.needs_input_grad[3] else None,
                 None, None, None, None, None, None, None, None, None)
-
-
-def check_slope(negative_slope) -> float:
-    slope = float(negative_slope)
-    if slope < 0:
-        # the backward takes LeakyReLU's mask from its output (as torch's in-place LeakyReLU does),
-        # which only identifies the negative inputs when the slope is >= 0
-        raise ValueError(f"negative_slope must be >= 0, got {slope}")
-    return slope
 
 
 def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
@@ -96,4 +92,4 @@ def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
              x.shape[0] * OH * OW)
     return Conv2dBatchNormLeakyReLUFunction.apply(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, bool(training),
-        float(momentum or 0.0), float(eps), check_slope(negative_slope), process_group)
+        float(check_momentum(momentum)), float(eps), check_slope(negative_slope), process_group)

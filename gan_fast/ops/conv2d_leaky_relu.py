@@ -9,17 +9,12 @@ gradient).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import reference
+from ..reference import check_slope, differentiable_backward
 from ._activation import LEAKY_RELU, bias_activation_backward
 from ._common import check_bias, check_input, check_weight, grad_of, pair
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
-from .conv2d_bn_leaky_relu import check_slope
-
-
-def conv2d_leaky_relu_reference(x, weight, bias, *, stride, padding, negative_slope):
-    """The composition of torch ops this op must equal."""
-    return F.leaky_relu(F.conv2d(x, weight, bias, stride, padding), negative_slope)
 
 
 def conv2d_leaky_relu_forward(x, weight, bias, stride, padding, slope):
@@ -41,15 +36,21 @@ class Conv2dLeakyReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, slope):
         y = conv2d_leaky_relu_forward(x, weight, bias, stride, padding, slope)
-        ctx.save_for_backward(x, weight, y)
+        ctx.save_for_backward(x, weight, bias, y)
         ctx.conf = (stride, padding, slope)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, y = ctx.saved_tensors
+        x, weight, bias, y = ctx.saved_tensors
         stride, padding, slope = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return (*differentiable_backward(
+                lambda *t: reference.conv2d_leaky_relu(*t, stride=stride, padding=padding,
+                                                       negative_slope=slope),
+                (x, weight, bias), (dy,), ctx.needs_input_grad[:3]),
+                None, None, None)
         dx, dw, dbias = conv2d_leaky_relu_backward(dy, x, weight, y, stride, padding, slope,
                                                    ctx.needs_input_grad[:3])
         return dx, grad_of(dw, weight), (dbias.to(ctx.bias_dtype) if dbias is not None else None), \
@@ -64,4 +65,6 @@ def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope):
     stride, padding = pair(stride, "stride"), pair(padding, "padding")
     if min(stride) < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(x.shape[2] + 2 * padding[0] - weight.shape[2], x.shape[3] + 2 * padding[1] - weight.shape[3]) < 0:
+        raise ValueError(f"the kernel {tuple(weight.shape[2:])} is larger than the padded input")
     return Conv2dLeakyReLUFunction.apply(x, weight, bias, stride, padding, check_slope(negative_slope))

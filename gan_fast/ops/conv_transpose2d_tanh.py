@@ -7,16 +7,12 @@ conv (input gradient) and the split-K GEMM (weight gradient).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import reference
+from ..reference import differentiable_backward
 from ._activation import TANH, bias_activation_backward
 from ._common import check_bias, check_input, check_weight, grad_of, pair
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
-
-
-def conv_transpose2d_tanh_reference(x, weight, bias, *, stride, padding):
-    """The composition of torch ops this op must equal."""
-    return torch.tanh(F.conv_transpose2d(x, weight, bias, stride, padding))
 
 
 def conv_transpose2d_tanh_forward(x, weight, bias, stride, padding):
@@ -38,15 +34,20 @@ class ConvTranspose2dTanhFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
         y = conv_transpose2d_tanh_forward(x, weight, bias, stride, padding)
-        ctx.save_for_backward(x, weight, y)
+        ctx.save_for_backward(x, weight, bias, y)
         ctx.conf = (stride, padding)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, y = ctx.saved_tensors
+        x, weight, bias, y = ctx.saved_tensors
         stride, padding = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return (*differentiable_backward(
+                lambda *t: reference.conv_transpose2d_tanh(*t, stride=stride, padding=padding),
+                (x, weight, bias), (dy,), ctx.needs_input_grad[:3]),
+                None, None)
         dx, dw, dbias = conv_transpose2d_tanh_backward(dy, x, weight, y, stride, padding,
                                                        ctx.needs_input_grad[:3])
         return dx, grad_of(dw, weight), (dbias.to(ctx.bias_dtype) if dbias is not None else None), \

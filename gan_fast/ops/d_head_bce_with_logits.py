@@ -10,10 +10,11 @@ the same read of x.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .. import reference
+from ..reference import differentiable_backward, loss_dtype
 from ._common import INTERPRET, check_input, check_weight, new_output_like
 from .bce_with_logits import bce_backward, bce_forward, check_target
 
@@ -82,12 +83,6 @@ def _d_head_backward_kernel(
                  dw.to(dw_ptr.dtype.element_ty), mask=k_ok)
 
 
-def d_head_bce_with_logits_reference(x, weight, target):
-    """The composition of torch ops this op must equal."""
-    logits = F.conv2d(x, weight).view(-1)
-    return F.binary_cross_entropy_with_logits(logits, target.expand(logits.shape)), logits.detach()
-
-
 def d_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits [N] of the full-size 1-channel conv."""
     N, C, H, W = x.shape
@@ -116,16 +111,19 @@ class DHeadBCEWithLogitsFunction(torch.autograd.Function):
     def forward(ctx, x, weight, target):
         logits = d_head_logits(x, weight)
         flat_target = target.expand(logits.shape).contiguous()
-        ctx.save_for_backward(x, weight, logits, flat_target)
+        ctx.save_for_backward(x, weight, target, logits, flat_target)
         ctx.target_meta = (target.shape, target.dtype)
-        loss = bce_forward(logits, flat_target).to(torch.promote_types(x.dtype, target.dtype))
+        loss = bce_forward(logits, flat_target).to(loss_dtype(x.dtype, target.dtype))
         out_logits = logits.to(x.dtype)
         ctx.mark_non_differentiable(out_logits)
         return loss, out_logits
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logits):
-        x, weight, logits, flat_target = ctx.saved_tensors
+        x, weight, target, logits, flat_target = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return tuple(differentiable_backward(reference.d_head_bce_with_logits, (x, weight, target),
+                                                 (grad_loss, None), ctx.needs_input_grad))
         target_shape, target_dtype = ctx.target_meta
         dlogits, dtarget = bce_backward(grad_loss, logits, flat_target, torch.float32,
                                         ctx.needs_input_grad[2])

@@ -9,23 +9,15 @@ so it is applied exactly where nn.Linear applies it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import reference
+from ..reference import check_momentum, check_slope, differentiable_backward, refuse_double_backward_of_sync_bn
 from ._activation import LEAKY_RELU
-from ._batchnorm import BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize
+from ._batchnorm import BatchNormStats, eval_stats, bn_activation_backward, bn_activation_forward, bn_finalize
 from ._common import check_bias, check_bn, check_input, check_weight, grad_of, new_output_like
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad, tf32_allowed
-from .conv2d_bn_leaky_relu import check_slope
 
 _ONE, _ZERO = (1, 1), (0, 0)
-
-
-def linear_bn_leaky_relu_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
-                                   training, momentum, eps, negative_slope):
-    """The composition of torch ops this op must equal."""
-    z = F.batch_norm(F.linear(x, weight, bias), running_mean, running_var, bn_weight, bn_bias, training,
-                     momentum, eps)
-    return F.leaky_relu(z, negative_slope)
 
 
 def _as_image(t: torch.Tensor) -> torch.Tensor:
@@ -67,15 +59,26 @@ class LinearBatchNormLeakyReLUFunction(torch.autograd.Function):
         y, z, stats = linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean,
                                                    running_var, training, momentum, eps, slope,
                                                    process_group)
-        ctx.save_for_backward(x, weight, z, *stats.tensors())
+        ctx.save_for_backward(x, weight, z, bias, bn_weight, bn_bias, *stats.tensors())
         ctx.conf = (training, stats.count, slope, stats.process_group)
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, bn_weight, bn_bias))
+        ctx.eval_stats = eval_stats(training, running_mean, running_var)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, z, *stat_tensors = ctx.saved_tensors
+        x, weight, z, bias, bn_weight, bn_bias, *stat_tensors = ctx.saved_tensors
         training, count, slope, group = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            if group is not None:
+                refuse_double_backward_of_sync_bn("triton")
+            rm, rv = ctx.eval_stats
+            return (*differentiable_backward(
+                lambda *t: reference.linear_bn_leaky_relu(
+                    *t, training=training, momentum=0.0, eps=ctx.eps, negative_slope=slope),
+                (x, weight, bias, bn_weight, bn_bias, rm, rv), (dy,), ctx.needs_input_grad[:7]),
+                None, None, None, None, None)
         dx, dw, dbias, dgamma, dbeta = linear_bn_leaky_relu_backward(
             dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), training, slope,
             ctx.needs_input_grad[:3])
@@ -92,9 +95,7 @@ def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, runn
     check_input(x, "x", 2)
     check_weight(x, weight, 1, dim=2)
     check_bias(x, bias, weight.shape[0])
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"bias has dtype {bias.dtype} but the input has {x.dtype}")
     check_bn(x, weight.shape[0], bn_weight, bn_bias, running_mean, running_var, training, x.shape[0])
     return LinearBatchNormLeakyReLUFunction.apply(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
-        float(momentum or 0.0), float(eps), check_slope(negative_slope), process_group)
+        float(check_momentum(momentum)), float(eps), check_slope(negative_slope), process_group)

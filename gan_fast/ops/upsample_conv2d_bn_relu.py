@@ -9,21 +9,15 @@ through the same upsampled indexing.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .. import reference
+from ..reference import check_momentum, differentiable_backward, refuse_double_backward_of_sync_bn
 from ._activation import RELU
-from ._batchnorm import BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize
+from ._batchnorm import BatchNormStats, eval_stats, bn_activation_backward, bn_activation_forward, bn_finalize
 from ._common import check_bn, check_input, check_weight, empty_like_format, grad_of, pair
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
 
 _ONE = (1, 1)
-
-
-def upsample_conv2d_bn_relu_reference(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
-                                      padding, training, momentum, eps):
-    """The composition of torch ops this op must equal."""
-    z = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, None, 1, padding)
-    return F.relu(F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
 
 
 def upsample_conv2d_bn_relu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, padding,
@@ -53,15 +47,26 @@ class UpsampleConv2dBatchNormReLUFunction(torch.autograd.Function):
         y, z, stats = upsample_conv2d_bn_relu_forward(x, weight, bn_weight, bn_bias, running_mean,
                                                       running_var, padding, training, momentum, eps,
                                                       process_group)
-        ctx.save_for_backward(x, weight, z, *stats.tensors())
+        ctx.save_for_backward(x, weight, z, bn_weight, bn_bias, *stats.tensors())
         ctx.conf = (padding, training, stats.count, stats.process_group)
         ctx.affine_dtypes = tuple(t.dtype if t is not None else None for t in (bn_weight, bn_bias))
+        ctx.eval_stats = eval_stats(training, running_mean, running_var)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, z, *stat_tensors = ctx.saved_tensors
+        x, weight, z, bn_weight, bn_bias, *stat_tensors = ctx.saved_tensors
         padding, training, count, group = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            if group is not None:
+                refuse_double_backward_of_sync_bn("triton")
+            rm, rv = ctx.eval_stats
+            return (*differentiable_backward(
+                lambda *t: reference.upsample_conv2d_bn_relu(
+                    *t, padding=padding, training=training, momentum=0.0, eps=ctx.eps),
+                (x, weight, bn_weight, bn_bias, rm, rv), (dy,), ctx.needs_input_grad[:6]),
+                None, None, None, None, None)
         dx, dw, dgamma, dbeta = upsample_conv2d_bn_relu_backward(
             dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), padding, training,
             ctx.needs_input_grad[:2])
@@ -87,4 +92,4 @@ def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running
              x.shape[0] * OH * OW)
     return UpsampleConv2dBatchNormReLUFunction.apply(
         x, weight, bn_weight, bn_bias, running_mean, running_var, padding, bool(training),
-        float(momentum or 0.0), float(eps), process_group)
+        float(check_momentum(momentum)), float(eps), process_group)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gan_fast.ops import bce_with_logits
-from gan_fast.ops.bce_with_logits import bce_with_logits_reference
+from gan_fast.reference import bce_with_logits as bce_with_logits_reference
 
 from .conftest import DEVICE
 from .utils import assert_close, check_against_fp64, make_input

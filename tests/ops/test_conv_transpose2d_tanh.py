@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gan_fast.ops import conv_transpose2d_tanh
-from gan_fast.ops.conv_transpose2d_tanh import conv_transpose2d_tanh_reference
+from gan_fast.reference import conv_transpose2d_tanh as conv_transpose2d_tanh_reference
 
 from .conftest import DEVICE
 from .utils import assert_close, check_against_fp64, check_memory_format, grads, make_input
