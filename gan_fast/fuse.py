@@ -32,6 +32,10 @@ reference layers.
 """
 from __future__ import annotations
 
+import inspect
+import sys
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -356,3 +360,18 @@ def discriminator_loss(netD: nn.Module, x: torch.Tensor, target: torch.Tensor, b
     logits = netD(x)
     bce = bce or F.binary_cross_entropy_with_logits
     return bce(logits.float(), target), logits
+
+
+# ``gan_fast.fuse`` names both this module and, in the README, the function: ``gan_fast.fuse(netG,
+# "ext")``. Python sets the package attribute ``gan_fast.fuse`` to this module whenever it is
+# imported, and ``import gan_fast.fuse as m`` reads that attribute, so binding the function there
+# instead breaks either the README's call or the deep imports (``m.fuse``, ``m.discriminator_loss``),
+# depending on the import order. The module itself is made callable as ``fuse``, so every spelling
+# works in every order.
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs) -> nn.Module:
+        return fuse(*args, **kwargs)  # passed on as given: a wrong call's TypeError then names fuse()
+
+
+__signature__ = inspect.signature(fuse)  # what inspect.signature / help show for gan_fast.fuse(...)
+sys.modules[__name__].__class__ = _CallableModule

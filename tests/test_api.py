@@ -26,9 +26,21 @@ PRELUDES = {
     "plain": "",
     "import_submodule_first": "import gan_fast.fuse",
     "from_submodule_first": "from gan_fast.fuse import fused_modules",
+    "import_submodule_as_first": "import gan_fast.fuse as m",
     "import_submodule_after_package": "import gan_fast\nimport gan_fast.fuse",
     "from_submodule_after_package": "import gan_fast\nfrom gan_fast.fuse import discriminator_loss",
 }
+
+# The deep spellings keep working too, after the README's calls: gan_fast.fuse is the module, callable.
+DEEP_SPELLINGS = """
+import sys
+import gan_fast.fuse as m
+from gan_fast.fuse import fuse, fused_modules
+assert m is gan_fast.fuse is sys.modules["gan_fast.fuse"] and m.fuse is fuse
+assert isinstance(fused_modules(netG), list) and m.fused_modules is fused_modules
+assert gan_fast.fuse.discriminator_loss is gan_fast.discriminator_loss is m.discriminator_loss
+assert fuse(netG, "auto") is netG
+"""
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -40,11 +52,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("prelude", PRELUDES.values(), ids=PRELUDES.keys())
 def test_readme_fuse_calls_work_after_any_import_order(prelude):
-    code = prelude + "\n" + README_CALLS + (
-        "import sys\n"
-        "assert callable(gan_fast.fuse) and gan_fast.fuse is sys.modules['gan_fast.fuse'].fuse\n"
-        "assert gan_fast.discriminator_loss is sys.modules['gan_fast.fuse'].discriminator_loss\n"
-        "print('ok')\n")
+    code = prelude + "\n" + README_CALLS + DEEP_SPELLINGS + "print('ok')\n"
     r = _run(code)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
 
