@@ -24,7 +24,7 @@ from . import distributed
 from .backends import BackendUnavailable, ops_for, resolve
 from .config import (TrainConfig, UserError, add_model_flags, add_train_flags, config_from_args,
                      run_cli)
-from .datasets import load_dataset, to_model_input
+from .datasets import SKIPPED_FILES_NAME, load_dataset, to_model_input
 from .eval import build_evaluator, format_metrics
 from .fuse import discriminator_loss, fuse
 from .images import save_grid
@@ -75,7 +75,8 @@ class Trainer:
             raise UserError(str(e)) from None
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg.data, cfg.image_size, cfg.channels, self.device, cfg.seed,
-                                 cfg.workers, log=log)
+                                 cfg.workers, log=log, skipped_list=os.path.join(
+                                     cfg.out, SKIPPED_FILES_NAME) if dist.is_main else None)
         self.global_batch = cfg.batch_size * dist.world_size  # every rank's rows of one batch
         self.steps_per_epoch = len(self.data) // self.global_batch
         if self.steps_per_epoch == 0:
