@@ -3,6 +3,7 @@ that the command-line entry points turn into a message and exit code 2 (never a 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import warnings
@@ -109,6 +110,54 @@ class TrainConfig:
         return cls(**kw)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows every flag's default: "(default: X)" is appended to each flag that takes a value,
+    unless its help already says what happens by default (the flags whose default is None describe
+    it in words, "(default: None)" would tell nothing). On/off switches default to off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.nargs == 0 or "default" in text or default is None or default is False
+                or default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if (not (action.help or "").strip() and action.nargs != 0 and action.default is not None
+                and action.default != argparse.SUPPRESS):
+            # argparse prints no help column, so no default, for a flag without help text
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every gan_fast command: a mistake is one line and exit code 2 (argparse prints
+    the whole usage, 19 lines for train, above its message); --help shows the defaults; no
+    abbreviated flags (summary's old parser took --checkpoint as --checkpoint-every)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Names (dest) of the flags that appear on the command line, as opposed to defaults."""
+    defaults = {action: action.default for action in parser._actions}
+    for action in defaults:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = p.add_argument_group("model")
@@ -132,18 +181,22 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=d.workers,
                    help="loader processes, used only when the data set does not fit in memory")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per step (per rank under torchrun)")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None,
-                        help=f"number of G updates (default {TrainConfig.DEFAULT_STEPS})")
-    length.add_argument("--epochs", type=int, default=None, help="passes over the data instead of --steps")
-    g.add_argument("--lr", type=float, default=d.lr)
+                        help=f"number of G updates (default: {TrainConfig.DEFAULT_STEPS}, unless --epochs)")
+    length.add_argument("--epochs", type=int, default=None,
+                        help="passes over the data instead of --steps (default: --steps decides)")
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of G and D")
     g.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the weights, the noise and the data order")
     g = p.add_argument_group("execution")
     g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
-                   help="op implementation: reference nn modules, fused triton or ext kernels, or auto")
+                   help="op implementation: reference nn modules, fused triton or ext kernels, or auto "
+                        "(default: reference)")
     g.add_argument("--fused", action="store_true", help="same as --backend auto")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), default=d.amp, help="autocast dtype")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
@@ -156,16 +209,22 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=d.out, help="run directory: grids, metrics, plots, checkpoints")
     g.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",
-                   help="continue from PATH, or from the last checkpoint in --out when no PATH is given")
-    g.add_argument("--sample-every", type=int, default=d.sample_every)
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    g.add_argument("--log-every", type=int, default=d.log_every)
+                   help="continue from PATH, or from the last checkpoint in --out when no PATH is given "
+                        "(default: a fresh run)")
+    g.add_argument("--sample-every", type=int, default=d.sample_every,
+                   help="steps between fixed-noise sample grids (also at the milestone steps)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between checkpoints (also at the end and on an interrupt)")
+    g.add_argument("--log-every", type=int, default=d.log_every,
+                   help="steps between statistics lines and metrics.jsonl rows")
     g = p.add_argument_group("evaluation")
     g.add_argument("--ema", type=float, default=None, metavar="DECAY",
-                   help="keep an exponential moving average of G (e.g. 0.999) for samples and eval")
+                   help="keep an exponential moving average of G (e.g. 0.999) for samples and eval "
+                        "(default: off)")
     g.add_argument("--eval-every", type=int, default=None, metavar="N",
                    help="measure sample quality every N steps and at the end: the digits metric on the "
-                        "embedded digits (FD, class coverage, confidence), FID/KID with --fid")
+                        "embedded digits (FD, class coverage, confidence), FID/KID with --fid "
+                        "(default: off)")
     g.add_argument("--eval-n", type=int, default=d.eval_n, help="generated samples per evaluation")
     g.add_argument("--fid", action="store_true",
                    help="also FID and KID (Inception features through torch-fidelity; pip install "

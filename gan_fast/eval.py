@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import UserError, run_cli
+from .config import ArgumentParser, UserError, run_cli
 from .images import quantize
 
 DIGITS_KEYS = ("digits_fd", "digits_coverage", "digits_confidence")
@@ -494,7 +494,7 @@ def reference_values(n: int = 1000, seed: int = EVAL_SEED) -> dict[str, dict]:
 # --------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gan_fast.eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m gan_fast.eval", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a gan_fast checkpoint (or a run folder holding one)")
     src.add_argument("--references", action="store_true",
@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the EMA generator (default: when the checkpoint has one)")
     p.add_argument("--fid", action="store_true", help="also FID and KID (needs torch-fidelity and the "
                                                       "Inception weights on disk)")
-    p.add_argument("--fid-weights", metavar="PATH", help="Inception weights file for --fid")
+    p.add_argument("--fid-weights", metavar="PATH", help="Inception weights file for --fid (default: "
+                                                          "torch-fidelity's in $TORCH_HOME/hub/checkpoints)")
     p.add_argument("--data", help="the real images for --fid (default: the checkpoint's training data)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="noise seed of the samples")
     p.add_argument("--batch-size", type=int, default=250)

@@ -12,32 +12,35 @@ import os
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import TrainConfig, UserError, add_model_flags, run_cli
+from .config import ArgumentParser, TrainConfig, UserError, add_model_flags, given_flags, run_cli
+from .export import GENERATOR_ARGS, load_generator_file, read_generator_metadata, read_training_checkpoint
 from .images import make_grid, save_grid, save_images, to_pil
 from .models import build_models
 from .train import pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gan_fast.sample", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m gan_fast.sample", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a gan_fast checkpoint (or a run folder holding one)")
-    src.add_argument("--netG", help="a generator state_dict, e.g. pytorch/examples' netG.pth; "
-                                    "give --arch/--image-size/--channels/--nz/--ngf it was trained with")
+    src.add_argument("--netG", help="a generator state_dict: a run's netG.pt (its netG.json next to it "
+                                    "gives the model), or e.g. pytorch/examples' netG.pth with the "
+                                    "--arch/--image-size/--channels/--nz/--ngf it was trained with")
     add_model_flags(p)
     p.add_argument("--n", type=int, default=64, help="images in the grid")
     p.add_argument("--out", default="samples.png", help="grid PNG path")
-    p.add_argument("--individual", metavar="DIR", help="also write each image as its own PNG here")
+    p.add_argument("--individual", metavar="DIR",
+                   help="also write each image as its own PNG here (default: the grid only)")
     p.add_argument("--interpolate", type=int, metavar="STEPS", default=0,
-                   help="also write a strip interpolating (spherically) between two latents in STEPS")
+                   help="also write a strip interpolating (spherically) between two latents in STEPS "
+                        "(default: no strip)")
     p.add_argument("--interpolate-out", default="interpolation.png",
                    help="interpolation strip path; ending in .gif writes an animation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent vectors")
     p.add_argument("--truncation", type=float, default=None,
                    help="resample latent entries with |z| above this (the truncation trick, "
-                        "Brock et al. 2019 BigGAN): less variety, higher fidelity")
-    p.add_argument("--device", default="auto")
+                        "Brock et al. 2019 BigGAN): less variety, higher fidelity (default: off)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="sample the exponential moving average of G (default: when the checkpoint has "
                         "one, see train --ema); --no-ema samples the trained G")
@@ -71,15 +74,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.sin((1 - s) * omega) / so * a + torch.sin(s * omega) / so * b for s in t])
 
 
-def _checkpoint_state(path: str) -> tuple[str, dict]:
-    if os.path.isdir(path):
-        path = os.path.join(path, ckpt.CHECKPOINT_NAME)
-    state = ckpt.load(path)
-    if "config" not in state or "netG" not in state:
-        raise UserError(f"{path} is not a gan_fast training checkpoint")
-    return path, state
-
-
 def _pick_weights(state: dict, ema: bool | None, path: str) -> tuple[dict, bool]:
     """The EMA generator's weights when asked for (ema=True) or, by default (None), when the
     checkpoint holds them; the trained generator's otherwise."""
@@ -107,13 +101,20 @@ def _build_generator(cfg: TrainConfig, weights: dict, device: torch.device) -> t
 def generator_from_checkpoint(path: str, ema: bool | None,
                               device: torch.device) -> tuple[torch.nn.Module, TrainConfig, bool, int]:
     """(generator, the run's config, whether it is the EMA generator, step) of a training checkpoint."""
-    path, state = _checkpoint_state(path)
+    path, state = read_training_checkpoint(path)
     cfg = TrainConfig.from_dict(state["config"])
     weights, used_ema = _pick_weights(state, ema, path)
     return _build_generator(cfg, weights, device), cfg, used_ema, int(state.get("step", 0))
 
 
-def load_generator(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, int]:
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    return (flag if value else f"no {flag}") if isinstance(value, bool) else f"{flag} {value}"
+
+
+def load_generator(args: argparse.Namespace, device: torch.device,
+                   given: set[str] = frozenset()) -> tuple[torch.nn.Module, int]:
+    """The generator of --checkpoint or --netG; ``given``: the flags on the command line."""
     if args.checkpoint:
         netG, cfg, used_ema, _ = generator_from_checkpoint(args.checkpoint, args.ema, device)
         if used_ema:
@@ -121,22 +122,28 @@ def load_generator(args: argparse.Namespace, device: torch.device) -> tuple[torc
         return netG, cfg.nz
     if args.ema:
         raise UserError("--ema needs a gan_fast --checkpoint trained with --ema")
-    cfg = TrainConfig(arch=args.arch, image_size=args.image_size, channels=args.channels,
-                      nz=args.nz, ngf=args.ngf, g_upsample=args.g_upsample)
-    cfg.validate()
-    weights = ckpt.load(args.netG)
-    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
-        raise UserError(f"{args.netG} is not a state_dict of tensors")
-    return _build_generator(cfg, weights, device), cfg.nz
+    model = {name: getattr(args, name) for name in GENERATOR_ARGS}
+    meta = read_generator_metadata(args.netG)
+    if meta is not None:  # a run's netG.pt: its netG.json says which model it is
+        saved = meta["build_models"]
+        differ = sorted(n for n in given & set(GENERATOR_ARGS) if n in saved and model[n] != saved[n])
+        if differ:
+            raise UserError(f"{', '.join(_flag(n, model[n]) for n in differ)}: the generator in "
+                            f"{args.netG} has {', '.join(_flag(n, saved[n]) for n in differ)} "
+                            f"(its {os.path.basename(os.path.splitext(args.netG)[0])}.json); drop the flag")
+        model.update(saved)
+    cfg = TrainConfig(**model).validate()
+    return _build_generator(cfg, load_generator_file(args.netG), device), cfg.nz
 
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.n < 1:
         raise UserError("--n must be at least 1")
     device = pick_device(args.device)
-    netG, nz = load_generator(args, device)
+    netG, nz = load_generator(args, device, given_flags(parser, argv))
     netG.train(args.train_mode_bn)
     g = torch.Generator().manual_seed(args.seed)
 

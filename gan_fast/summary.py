@@ -1,17 +1,19 @@
-"""Per-layer output shapes and parameter counts of G and D: ``python -m gan_fast.summary [model flags]``.
+"""Per-layer output shapes and parameter counts of G and D: ``python -m gan_fast.summary [model flags]``
+or ``--checkpoint RUN``.
 
 Shapes come from the convolution size formulas (PyTorch's Conv2d / ConvTranspose2d docs), then are
 checked against a real forward pass, so the table can't drift from the models.
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 from torch import nn
 
-from .config import TrainConfig, add_model_flags, add_train_flags, config_from_args, run_cli
+from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, config_from_args, given_flags,
+                     run_cli)
+from .export import read_training_checkpoint
 from .models import build_models
 
 
@@ -88,15 +90,42 @@ def format_table(title: str, input_shape: tuple, rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gan_fast.summary",
-                                description="Layer shapes and parameter counts (same flags as train).")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m gan_fast.summary",
+                       description="Layer shapes and parameter counts of G and D, from the model flags "
+                                   "or from a training checkpoint.")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="a gan_fast checkpoint (or a run folder holding one): its models and step "
+                        "(default: the models of the flags below)")
     add_model_flags(p)
-    add_train_flags(p)  # accepted so a train command line can be pasted as is
-    cfg: TrainConfig = config_from_args(p.parse_args(argv))
-    torch.manual_seed(cfg.seed)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    state = None
+    if args.checkpoint is not None:
+        given = given_flags(parser, argv) - {"checkpoint"}
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in sorted(given))
+            raise UserError(f"--checkpoint brings its own model: drop {flags}")
+        path, state = read_training_checkpoint(args.checkpoint)
+        cfg = TrainConfig.from_dict(state["config"])
+    else:
+        cfg = config_from_args(args)
     netG, netD = build_models(cfg.arch, cfg.nz, cfg.ngf, cfg.ndf, cfg.channels, cfg.image_size,
                               cfg.g_upsample)
+    if state is not None:
+        try:  # the table describes the checkpoint's models only if its weights fit them
+            netG.load_state_dict(state["netG"])
+            netD.load_state_dict(state["netD"])
+        except (KeyError, RuntimeError) as e:
+            raise UserError(f"{path}: the weights don't match its own config: "
+                            f"{str(e).strip().splitlines()[0]}") from None
+        print(f"{path}: step {int(state.get('step', 0))}"
+              + (", with an EMA generator" if state.get("netG_ema") is not None else ""))
+        print()
     batch = 2  # the smallest batch BatchNorm accepts; shapes are per batch anyway
     g_in = (batch, cfg.nz, 1, 1)
     d_in = (batch, cfg.channels, cfg.image_size, cfg.image_size)

@@ -22,8 +22,8 @@ from . import __version__
 from . import checkpoint as ckpt
 from . import distributed
 from .backends import BackendUnavailable, ops_for, resolve
-from .config import (TrainConfig, UserError, add_model_flags, add_train_flags, config_from_args,
-                     run_cli)
+from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags,
+                     config_from_args, run_cli)
 from .datasets import SKIPPED_FILES_NAME, load_dataset, to_model_input
 from .eval import build_evaluator, format_metrics
 from .fuse import discriminator_loss, fuse
@@ -40,7 +40,7 @@ STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request un
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m gan_fast.train",
         description="Train a DCGAN (or --arch mlp) on the embedded digits or on a folder of images.")
     add_model_flags(p)
@@ -527,7 +527,9 @@ def resolve_config(args: argparse.Namespace, given: set[str]) -> tuple[TrainConf
                  if getattr(cfg, name, None) != getattr(saved, name, None)]
     if conflicts:
         flags = ", ".join("--" + n.replace("_", "-") for n in sorted(conflicts))
-        raise UserError(f"--resume: {flags} differ from the checkpoint's run; drop them to continue it")
+        one = len(conflicts) == 1
+        raise UserError(f"--resume: {flags} {'differs' if one else 'differ'} from the checkpoint's run; "
+                        f"drop {'it' if one else 'them'} to continue it")
     for name in RESUMABLE_OVERRIDES:
         if name in given or (name == "backend" and "fused" in given):
             setattr(saved, name, getattr(cfg, name))

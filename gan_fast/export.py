@@ -1,0 +1,130 @@
+"""What a run keeps next to its checkpoint, and reading checkpoints back for the other commands.
+
+- ``netG.pt``: the generator alone, a plain state_dict as pytorch/examples' ``netG_epoch_N.pth`` (the
+  averaged generator with --ema, the one the sample grids show), with ``netG.json``: the arguments of
+  ``gan_fast.build_models`` that rebuild it. ``python -m gan_fast.sample --netG RUN/netG.pt`` reads
+  both; plain PyTorch needs only torch.load and the Generator class (README).
+- ``--keep-checkpoints K``: numbered snapshots ``checkpoint_STEP.pt`` and ``netG_STEP.pt`` of the last
+  K saves (hard links of the files just written where the file system allows: no second copy).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, UserError
+
+NETG_NAME = "netG.pt"
+NETG_META_NAME = "netG.json"
+SNAPSHOT = re.compile(r"^(checkpoint|netG)_(\d+)\.(pt|json)$")
+# the arguments of build_models that shape the generator (ndf shapes only D)
+GENERATOR_ARGS = ("arch", "nz", "ngf", "channels", "image_size", "g_upsample")
+
+
+def read_training_checkpoint(path: str) -> tuple[str, dict]:
+    """(the file, its state) of a gan_fast training checkpoint given as a file or a run folder."""
+    if os.path.isdir(path):
+        path = os.path.join(path, ckpt.CHECKPOINT_NAME)
+    state = ckpt.load(path)
+    if not isinstance(state, dict) or "config" not in state or "netG" not in state:
+        raise UserError(f"{path} is not a gan_fast training checkpoint")
+    return path, state
+
+
+def generator_metadata(cfg: TrainConfig, step: int, ema: bool) -> dict:
+    """netG.json: what rebuilds the generator of netG.pt (build_models' arguments) and where it is from."""
+    return {"build_models": {name: getattr(cfg, name) for name in GENERATOR_ARGS},
+            "step": step, "ema": ema, "format": "gan_fast netG 1"}
+
+
+def read_generator_metadata(netg_path: str) -> dict | None:
+    """The netG.json next to a netG.pt (netG_STEP.json next to netG_STEP.pt), None when absent."""
+    meta_path = os.path.splitext(netg_path)[0] + ".json"
+    if not os.path.isfile(meta_path):
+        return None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        args = meta["build_models"]
+        if not isinstance(args, dict) or set(args) - set(GENERATOR_ARGS):
+            raise ValueError("unknown build_models arguments")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"can't read {meta_path}: {e}") from None
+    return meta
+
+
+def save_generator(weights: dict, meta: dict, folder: str, name: str = NETG_NAME) -> str:
+    """Write netG.pt (a plain state_dict: tensors only) and its netG.json, each atomically."""
+    path = os.path.join(folder, name)
+    ckpt.save_atomic({k: v.detach().cpu() for k, v in weights.items()}, path)
+    meta_path = os.path.splitext(path)[0] + ".json"
+    tmp = _temporary(meta_path)
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, meta_path)
+    return path
+
+
+def after_checkpoint(trainer, path: str) -> None:
+    """Called by Trainer.save_checkpoint once ``path`` (checkpoint.pt) is written: the generator export
+    next to it and, with --keep-checkpoints K, the numbered snapshots of the last K saves."""
+    folder = os.path.dirname(os.path.abspath(path))
+    netG = trainer.sample_model  # the EMA generator with --ema, as the sample grids
+    meta = generator_metadata(trainer.cfg, trainer.step, ema=trainer.ema is not None)
+    netg_path = save_generator(netG.state_dict(), meta, folder)
+    keep = getattr(trainer.cfg, "keep_checkpoints", 0) or 0
+    if keep > 0:
+        snapshot(folder, path, netg_path, trainer.step)
+        prune_snapshots(folder, keep)
+
+
+def _temporary(path: str) -> str:
+    """A temporary name next to ``path`` that the start of a run cleans up after a kill (it matches
+    checkpoint.TEMP_PATTERNS, as save_atomic's temporary files do)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".tmp-{name}.pt")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    tmp = _temporary(dst)
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(src, tmp)  # the same bytes under a second name; save_atomic's rename never edits them
+    except OSError:  # no hard links here (some network and FAT file systems): a copy
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def snapshot(folder: str, checkpoint_path: str, netg_path: str, step: int) -> None:
+    for src, stem in ((checkpoint_path, "checkpoint"), (netg_path, "netG")):
+        _link_or_copy(src, os.path.join(folder, f"{stem}_{step:07d}.pt"))
+    _link_or_copy(os.path.splitext(netg_path)[0] + ".json", os.path.join(folder, f"netG_{step:07d}.json"))
+
+
+def prune_snapshots(folder: str, keep: int) -> list[str]:
+    """Delete the numbered snapshots of all but the newest ``keep`` steps; returns what was removed."""
+    by_step: dict[int, list[str]] = {}
+    for name in os.listdir(folder):
+        m = SNAPSHOT.match(name)
+        if m:
+            by_step.setdefault(int(m.group(2)), []).append(name)
+    removed = []
+    for step in sorted(by_step)[:-keep]:
+        for name in by_step[step]:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def load_generator_file(path: str) -> dict:
+    """A generator state_dict file (netG.pt, pytorch/examples' netG_epoch_N.pth)."""
+    weights = ckpt.load(path)
+    if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
+        raise UserError(f"{path} is not a state_dict of tensors")
+    return weights
