@@ -16,9 +16,12 @@ What capture needs from the step, and how it is met:
   without graphs.
 
 Warm-up (which also runs Triton's autotuning and cuDNN's algorithm search outside the capture) runs
-real steps, so the models, the BatchNorm statistics and the optimizer moments are restored in place
-afterwards, and so is the CUDA generator: the graphed run starts from exactly the state an eager
-run would, and draws the same noise.
+real steps, so everything they change is put back in place afterwards (``warm_up``, ``Snapshot``):
+the models, the BatchNorm statistics, the optimizers' whole state (Adam's moments and step counts:
+those of the checkpoint on a resumed run, a fresh Adam's zeros on a new one) and the generator the
+noise comes from. The graphed run starts from exactly the state an eager run would, and draws the same
+noise. That logic runs on any device (tests/test_cuda_graphs.py checks it on the CPU); only the
+capture itself needs CUDA.
 """
 from __future__ import annotations
 
@@ -43,11 +46,80 @@ def unsupported_reason(trainer) -> str | None:
     return None
 
 
-def _snapshot(trainer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(tensor, saved copy) for every tensor a training step changes in place."""
-    tensors = [*trainer.netG.parameters(), *trainer.netD.parameters(),
-               *trainer.netG.buffers(), *trainer.netD.buffers()]
-    return [(t, t.detach().clone()) for t in tensors]
+class Snapshot:
+    """Copies of everything a training step changes in place: parameters, buffers (BatchNorm running
+    statistics), both optimizers' state (Adam's moments and step counts) and the state of the generator
+    the step draws its noise from. ``restore()`` copies them back into the same tensor objects, which
+    a captured graph keeps reading and writing."""
+
+    def __init__(self, trainer):
+        self.device = trainer.device
+        modules = (trainer.netG, trainer.netD)
+        self.tensors = [(t, t.detach().clone()) for m in modules for t in (*m.parameters(), *m.buffers())]
+        # per optimizer: {param: {key: copy}}; a parameter without state has not been stepped yet
+        self.optimizers = [(opt, {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                                  for p, s in opt.state.items()})
+                           for opt in (trainer.optG, trainer.optD)]
+        self.rng = _get_rng_state(self.device)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for tensor, copy in self.tensors:
+            tensor.copy_(copy)
+        for opt, saved in self.optimizers:
+            for param, state in opt.state.items():
+                before = saved.get(param)
+                for key, value in state.items():
+                    if before is None:  # created by the warm-up: a fresh Adam's state is all zeros
+                        if torch.is_tensor(value):
+                            value.zero_()
+                    elif torch.is_tensor(value):
+                        value.copy_(before[key])
+                    else:
+                        state[key] = before[key]
+        _set_rng_state(self.device, self.rng)
+
+
+def _get_rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def warm_up(trainer, real_u8: torch.Tensor, steps: int = WARMUP_STEPS) -> None:
+    """Run ``steps`` real training steps on ``real_u8`` (on a side stream on CUDA, as capture
+    requires), then put back everything they changed: the trainer is left exactly as it was."""
+    saved = Snapshot(trainer)
+    if trainer.device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(steps):
+                trainer.train_step(real_u8)
+        torch.cuda.current_stream().wait_stream(side)
+    else:
+        for _ in range(steps):
+            trainer.train_step(real_u8)
+    saved.restore()
+
+
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Set Adam's ``capturable`` for this run, after load_state_dict (which restores the flag of the
+    run that wrote the checkpoint): a checkpoint of a graphed CUDA run resumes on a CPU, and an eager
+    one under --cuda-graphs. A capturable Adam keeps its step counts on the parameters' device, an
+    eager one on the CPU (no sync per step to read them)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                device = param.device if capturable else torch.device("cpu")
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 class GraphedStep:
@@ -63,24 +135,7 @@ class GraphedStep:
     def _capture(self, real_u8: torch.Tensor) -> None:
         trainer = self.trainer
         self.static_input = real_u8.clone()
-        saved = _snapshot(trainer)
-        rng = torch.cuda.get_rng_state(trainer.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                trainer.train_step(self.static_input)
-        torch.cuda.current_stream().wait_stream(side)
-        # the first replay draws the noise the first eager step would have drawn
-        torch.cuda.set_rng_state(rng, trainer.device)
-        with torch.no_grad():
-            for tensor, copy in saved:
-                tensor.copy_(copy)
-            for opt in (trainer.optG, trainer.optD):
-                for state in opt.state.values():  # fresh Adam moments and step counts, in place
-                    for value in state.values():
-                        if torch.is_tensor(value):
-                            value.zero_()
+        warm_up(trainer, self.static_input)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_stats = trainer.train_step(self.static_input)

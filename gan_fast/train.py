@@ -10,8 +10,8 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
-import signal
 import sys
 import time
 
@@ -21,20 +21,24 @@ import torch.nn.functional as F
 from . import __version__
 from . import checkpoint as ckpt
 from . import distributed
+from . import guard
 from .backends import BackendUnavailable, ops_for, resolve
 from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags,
                      config_from_args, run_cli)
+from .cuda_graphs import set_capturable
 from .datasets import SKIPPED_FILES_NAME, load_dataset, to_model_input
 from .eval import build_evaluator, format_metrics
 from .fuse import discriminator_loss, fuse
 from .images import save_grid
 from .models import build_models
+from .signals import StopFlag
 
 # Flags that may change when a run is resumed; every other setting comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("steps", "epochs", "out", "device", "backend", "amp", "compile", "cuda_graphs",
                        "channels_last", "sample_every", "checkpoint_every", "log_every", "workers", "data",
                        "ema", "eval_every", "eval_n", "fid", "fid_weights")
 STAT_NAMES = ("loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2")
+STAT_LABELS = ("Loss_D", "Loss_G", "D(x)", "D(G(z)) before the D step", "D(G(z)) after it")
 N_FIXED_NOISE = 64
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request under torchrun
 
@@ -69,6 +73,10 @@ class Trainer:
                  dist: distributed.DistContext = distributed.SINGLE):
         self.cfg, self.log, self.dist = cfg, log, dist
         self.device = pick_device(cfg.device)
+        if dist.is_main:  # an unwritable --out is one line now, not a traceback at the first save
+            removed = ckpt.prepare_out_dir(cfg.out)
+            if removed:
+                log(f"removed {len(removed)} temporary file(s) left in {cfg.out} by an interrupted write")
         try:
             self.backend = resolve(cfg.backend, self.device)
         except BackendUnavailable as e:
@@ -105,6 +113,9 @@ class Trainer:
         self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
+        self.interval = IntervalStats(0)  # the statistics since the last metrics row
+        self.last_good: tuple[str, int] | None = None  # (path, step) of the newest checkpoint known good
+        self.saved_step = None
         # --ema: the average is a copy of the reference modules, taken before fuse (gan_fast/ema.py)
         self.ema = None
         if cfg.ema is not None:
@@ -201,11 +212,15 @@ class Trainer:
         return z[r * b:(r + 1) * b] if self.dist.enabled else z
 
     # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict:
+    def state_dict(self, interval_sum: torch.Tensor | None = None) -> dict:
+        """Everything a resume needs; ``interval_sum``: the statistics summed since the last metrics
+        row (over ranks under torchrun), so the next row of a resumed run covers the whole interval."""
         state = {"netG": self.netG.state_dict(), "netD": self.netD.state_dict(),
                  "optG": self.optG.state_dict(), "optD": self.optD.state_dict(),
                  "scaler": self.scaler.state_dict(), "step": self.step, "rng": ckpt.rng_state(),
-                 "config": self.cfg.to_dict(), "version": __version__}
+                 "config": self.cfg.to_dict(), "version": __version__,
+                 "log_interval": {"sum": (self.interval.sum if interval_sum is None else interval_sum)
+                                  if self.interval.n else None, "n": self.interval.n}}
         if self.ema is not None:
             state["netG_ema"] = self.ema.state_dict()
         return state
@@ -218,9 +233,16 @@ class Trainer:
             self.optD.load_state_dict(state["optD"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f"checkpoint does not match the models: {e}") from None
+        # load_state_dict brings back the capturable flag of the run that wrote the checkpoint; this
+        # run's device and --cuda-graphs decide it
+        set_capturable(self.optG, self.use_cuda_graphs)
+        set_capturable(self.optD, self.use_cuda_graphs)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.interval = IntervalStats(self.step, state.get("log_interval"), self.device)
+        if state.get("resumed_from"):
+            self.last_good = (state["resumed_from"], self.step)
         if self.ema is not None:
             if state.get("netG_ema") is None:  # --ema added on resume: the average starts here
                 self.log(f"--ema: the checkpoint holds no average yet; it starts from G at step {self.step}")
@@ -228,9 +250,44 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> str:
+        """Check the training state for NaN/Inf (every rank), then write it (rank 0). Raises Diverged
+        instead of writing a non-finite state over the last good checkpoint."""
         path = os.path.join(self.cfg.out, ckpt.CHECKPOINT_NAME)
-        ckpt.save_atomic(self.state_dict(), path)
+        if self.saved_step == self.step:
+            return path
+        tensors = guard.training_tensors(self)
+        # one host sync and one all-reduce: the interval's statistics and the non-finite flag
+        partial = self.interval.sum if self.interval.n else torch.zeros(len(STAT_NAMES), device=self.device)
+        checked = distributed.mean_over_ranks(
+            torch.cat([partial, guard.nonfinite_flag(tensors, self.device)]), self.dist).cpu()
+        if checked[-1] > 0 or not torch.isfinite(checked).all():
+            raise self.diverged("non-finite training state before writing a checkpoint")
+        if self.dist.is_main:
+            with self.writing(path):
+                ckpt.save_checkpoint(self.state_dict(interval_sum=checked[:-1]), path)
+        self.last_good, self.saved_step = (path, self.step), self.step
         return path
+
+    def diverged(self, what: str) -> guard.Diverged:
+        """The one line that ends a diverged run: where, what, and the checkpoint to go back to."""
+        names = guard.nonfinite_names(guard.training_tensors(self))
+        found = f" (NaN/Inf in {', '.join(names)})" if names else ""
+        last = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
+                if self.last_good else "no checkpoint was written")
+        return guard.Diverged(f"training diverged at step {self.step}: {what}{found}; stopped without "
+                              f"saving; {last}")
+
+    @contextlib.contextmanager
+    def writing(self, target: str | None = None):
+        """A write that fails mid-run (disk full, folder removed) ends the run with one line, exit 2;
+        the last good checkpoint is untouched (save_atomic renames only a complete file over it)."""
+        try:
+            yield
+        except OSError as e:
+            last = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
+                    if self.last_good else "no checkpoint was written")
+            where = f" {e.filename or target}" if e.filename or target else f" in {self.cfg.out}"
+            raise UserError(f"can't write{where} at step {self.step}: {e.strerror or e}; {last}") from None
 
     # ---------------------------------------------------------------- outputs
     @property
@@ -265,10 +322,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> int:
+        """Train to total_steps; returns the exit code: 0 done, 3 diverged (guard.py), 128 + N when
+        signal N stopped it (signals.py)."""
         cfg, main = self.cfg, self.dist.is_main  # under torchrun, rank 0 alone writes outputs
+        metrics = None
         if main:
-            self.write_outputs_header()
-        metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), resume_step=self.step) if main else None
+            with self.writing():
+                self.write_outputs_header()
+                metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), resume_step=self.step)
         if self.step >= self.total_steps:
             self.log(f"already at step {self.step} of {self.total_steps}; nothing to do "
                      "(raise --steps or --epochs to continue)")
@@ -287,51 +348,75 @@ class Trainer:
             step_fn = GraphedStep(self)
         else:
             step_fn = self.train_step
-        stop = StopFlag()
         progress = Progress(self.step, self.total_steps, self.log, enabled=main)
-        stat_sum, stat_n, t0, interval_start = None, 0, time.perf_counter(), self.step
-        self.run_start, self.eval_seconds, stopping = t0, 0.0, False
-        with stop:
-            while self.step < self.total_steps and not stopping:
-                epoch, offset = divmod(self.step, self.steps_per_epoch)
-                for real in self.data.batches(cfg.batch_size, epoch, offset, self.dist.rank,
-                                              self.dist.world_size):
-                    stats = step_fn(real)
-                    if self.ema is not None:
-                        self.ema.update(self.step + 1)
-                    stat_sum = stats if stat_sum is None else stat_sum + stats
-                    stat_n += 1
-                    self.step += 1
-                    progress.update(self.step)
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        # the one host sync per interval (and, under torchrun, one all-reduce)
-                        values = distributed.mean_over_ranks(stat_sum / stat_n, self.dist).tolist()
-                        elapsed = time.perf_counter() - t0
-                        row = {"step": self.step, "epoch": epoch, **dict(zip(STAT_NAMES, values)),
-                               "images_per_s": (self.step - interval_start) * self.global_batch / elapsed}
+        self.interval.restart_clock(self.step)
+        self.run_start, self.eval_seconds, stopping = time.perf_counter(), 0.0, False
+        try:
+            with StopFlag() as stop:
+                while self.step < self.total_steps and not stopping:
+                    epoch, offset = divmod(self.step, self.steps_per_epoch)
+                    for real in self.data.batches(cfg.batch_size, epoch, offset, self.dist.rank,
+                                                  self.dist.world_size):
+                        stats = step_fn(real)
+                        if self.ema is not None:
+                            self.ema.update(self.step + 1)
+                        self.interval.add(stats)
+                        self.step += 1
+                        progress.update(self.step)
+                        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                            self.log_interval(metrics, progress)
                         if main:
-                            metrics.write(row)
-                            progress.report(row)
-                        stat_sum, stat_n, t0, interval_start = None, 0, time.perf_counter(), self.step
+                            self.write_step_outputs(metrics, progress)
+                        if self.step % cfg.checkpoint_every == 0:
+                            self.save_checkpoint()
+                        stopping = self.stop_agreed(stop.requested)
+                        if self.step >= self.total_steps or stopping:
+                            break
+                if stopping:  # nothing of the run so far is lost: its last statistics, a grid
+                    if self.interval.n:
+                        self.log_interval(metrics, progress)
                     if main:
-                        t0 += self.write_step_outputs(metrics, progress)
-                    if self.step % cfg.checkpoint_every == 0 and main:
-                        self.save_checkpoint()
-                    stopping = self.stop_agreed(stop.requested)
-                    if self.step >= self.total_steps or stopping:
-                        break
-        progress.close()
-        path = os.path.join(cfg.out, ckpt.CHECKPOINT_NAME)
-        if main:
-            self.save_checkpoint()
-            metrics.plot(os.path.join(cfg.out, "loss.png"))
+                        with self.writing():
+                            self.save_samples()
+                path = self.save_checkpoint()
+                if main:
+                    with self.writing():
+                        metrics.plot(os.path.join(cfg.out, "loss.png"))
+        except guard.Diverged as e:
+            progress.close()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return guard.EXIT_DIVERGED
+        finally:
+            progress.close()
         if stopping:
-            self.log(f"interrupted at step {self.step}: checkpoint saved to {path}; "
+            self.log(f"interrupted by {stop.name} at step {self.step}: checkpoint saved to {path}; "
                      f"continue with --resume {path}")
-            return 130
+            return stop.exit_code
         self.log(f"done: {self.step} steps; samples in {os.path.join(cfg.out, 'samples')}, "
                  f"checkpoint {path}")
         return 0
+
+    def log_interval(self, metrics: "MetricsLog | None", progress: "Progress") -> None:
+        """One metrics row for the steps since the last one. This is the one host sync per interval
+        (and, under torchrun, one all-reduce), so the divergence check rides along: non-finite
+        statistics, or NaN/Inf anywhere in the training state, stop the run here."""
+        flag = guard.nonfinite_flag(guard.training_tensors(self), self.device)
+        values = distributed.mean_over_ranks(torch.cat([self.interval.mean(), flag]), self.dist).tolist()
+        stats, nonfinite_state = values[:-1], values[-1] > 0
+        row = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+               **dict(zip(STAT_NAMES, stats)),
+               "images_per_s": self.interval.images_per_s(self.step, self.global_batch)}
+        if metrics is not None:
+            with self.writing():
+                metrics.write(row)
+            progress.report(row)
+        first = self.interval.first_step
+        self.interval.reset(self.step)
+        bad = [label for label, v in zip(STAT_LABELS, stats) if not math.isfinite(v)]
+        if bad:
+            raise self.diverged(f"{', '.join(bad)} not finite over steps {first}-{self.step}")
+        if nonfinite_state:
+            raise self.diverged("non-finite training state")
 
     def stop_agreed(self, requested: bool) -> bool:
         """Whether to stop after this step. Under torchrun the ranks agree every STOP_CHECK_EVERY
@@ -357,15 +442,20 @@ class Trainer:
             first = next(self.data.batches(min(N_FIXED_NOISE, len(self.data)), 0))
             save_grid(to_model_input(first), os.path.join(cfg.out, "real.png"))
 
-    def write_step_outputs(self, metrics: "MetricsLog", progress: "Progress") -> float:
-        """Evaluation, sample grids and plots due after this step (rank 0); returns the seconds spent
-        evaluating, which images/s and train_s leave out."""
-        cfg, spent = self.cfg, 0.0
+    def write_step_outputs(self, metrics: "MetricsLog", progress: "Progress") -> None:
+        """Evaluation, sample grids and plots due after this step (rank 0); the seconds spent
+        evaluating are left out of images/s and train_s."""
+        with self.writing():
+            self._write_step_outputs(metrics, progress)
+
+    def _write_step_outputs(self, metrics: "MetricsLog", progress: "Progress") -> None:
+        cfg = self.cfg
         if self.is_eval_step(self.step):
             start = time.perf_counter()
             quality = self.evaluate()
             spent = time.perf_counter() - start
             self.eval_seconds += spent
+            self.interval.exclude(spent)
             metrics.write({"step": self.step, **quality, "eval_s": spent,
                            "train_s": time.perf_counter() - self.run_start - self.eval_seconds})
             progress.note(f"[{self.step}/{self.total_steps}] {format_metrics(quality)}")
@@ -373,33 +463,40 @@ class Trainer:
         if self.is_milestone(self.step):
             self.save_samples()
             metrics.plot(os.path.join(cfg.out, "loss.png"))
-        return spent
 
-class StopFlag:
-    """Ctrl-C asks the loop to stop after the current step (so the checkpoint holds a whole step);
-    a second Ctrl-C interrupts at once."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+class IntervalStats:
+    """The step statistics since the last metrics row, summed on the device (no host sync per step).
+    Checkpoints keep the running sum, so after a resume mid-interval (a kill, a checkpoint between log
+    steps) the next row still covers every step since the previous row."""
 
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)
+    def __init__(self, step: int, state: dict | None = None, device: torch.device | None = None):
+        self.reset(step)
+        if state and state.get("n") and state.get("sum") is not None:
+            self.sum, self.n = state["sum"].to(device), int(state["n"])
+            self.first_step = step - self.n + 1
 
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
+    def reset(self, step: int) -> None:
+        self.sum, self.n, self.first_step = None, 0, step + 1
+        self.restart_clock(step)
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def restart_clock(self, step: int) -> None:
+        """images/s counts the steps this process ran, from now on."""
+        self.t0, self.timed_from = time.perf_counter(), step
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else (an evaluation) out of images/s."""
+        self.t0 += seconds
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.sum = stats if self.sum is None else self.sum + stats
+        self.n += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.n
+
+    def images_per_s(self, step: int, batch: int) -> float:
+        return (step - self.timed_from) * batch / max(time.perf_counter() - self.t0, 1e-9)
 
 
 class Progress:
@@ -519,9 +616,11 @@ def resolve_config(args: argparse.Namespace, given: set[str]) -> tuple[TrainConf
     cfg = config_from_args(args)
     if args.resume is None:
         return cfg, None
-    state = ckpt.load(ckpt.find_resume_path(args.resume, cfg.out))
-    if "config" not in state or "step" not in state:
+    path = ckpt.find_resume_path(args.resume, cfg.out)
+    state = ckpt.load(path)
+    if not isinstance(state, dict) or "config" not in state or "step" not in state:
         raise UserError("--resume: that file is not a gan_fast training checkpoint")
+    state["resumed_from"] = path  # the last good checkpoint until this run writes one
     saved = TrainConfig.from_dict(state["config"])
     conflicts = [name for name in given - set(RESUMABLE_OVERRIDES) - {"resume", "fused"}
                  if getattr(cfg, name, None) != getattr(saved, name, None)]

@@ -83,7 +83,7 @@ def test_resume_refuses_changed_model_flags(tmp_path, capsys):
     out = str(tmp_path)
     assert main([*TINY, "--steps", "1", "--out", out]) == 0
     r = run_module("gan_fast.train", "--resume", "--out", out, "--ngf", "16")
-    assert r.returncode == 2 and "--ngf differ from the checkpoint" in r.stderr
+    assert r.returncode == 2 and "--ngf differs from the checkpoint" in r.stderr
     r = run_module("gan_fast.train", "--resume", "--out", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "no checkpoint" in r.stderr
     bad = tmp_path / "bad.pt"
