@@ -54,6 +54,8 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 1000
     log_every: int = 50
+    keep_checkpoints: int = 0  # numbered snapshots of the last K saves (gan_fast/export.py); 0: none
+    tensorboard: bool = False  # also write the metrics.jsonl scalars as TensorBoard events
     milestones: tuple = field(default=MILESTONES)
     # evaluation (gan_fast.eval) and the averaged generator (gan_fast.ema)
     ema: float | None = None
@@ -90,6 +92,8 @@ class TrainConfig:
             raise UserError("--lr must be positive and --beta1 in [0, 1)")
         if self.ema is not None and not 0 < self.ema < 1:
             raise UserError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
+        if self.keep_checkpoints < 0:
+            raise UserError(f"--keep-checkpoints must be 0 or more, got {self.keep_checkpoints}")
         if self.eval_every is not None and self.eval_every < 1:
             raise UserError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.eval_n < 2:
@@ -217,6 +221,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="steps between checkpoints (also at the end and on an interrupt)")
     g.add_argument("--log-every", type=int, default=d.log_every,
                    help="steps between statistics lines and metrics.jsonl rows")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="K",
+                   help="also keep numbered snapshots checkpoint_STEP.pt and netG_STEP.pt of the last K "
+                        "saves (0: only checkpoint.pt and netG.pt, rewritten at each save)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log the metrics.jsonl scalars to TensorBoard, in OUT/tensorboard "
+                        "(pip install 'gan_fast[tensorboard]')")
     g = p.add_argument_group("evaluation")
     g.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="keep an exponential moving average of G (e.g. 0.999) for samples and eval "

@@ -1,9 +1,9 @@
 """What a run keeps next to its checkpoint, and reading checkpoints back for the other commands.
 
 - ``netG.pt``: the generator alone, a plain state_dict as pytorch/examples' ``netG_epoch_N.pth`` (the
-  averaged generator with --ema, the one the sample grids show), with ``netG.json``: the arguments of
-  ``gan_fast.build_models`` that rebuild it. ``python -m gan_fast.sample --netG RUN/netG.pt`` reads
-  both; plain PyTorch needs only torch.load and the Generator class (README).
+  averaged generator with --ema, the one the sample grids show), with ``netG.json``: its class in
+  gan_fast and the arguments that build it. ``python -m gan_fast.sample --netG RUN/netG.pt`` reads
+  both; plain PyTorch needs only torch.load and that class (README).
 - ``--keep-checkpoints K``: numbered snapshots ``checkpoint_STEP.pt`` and ``netG_STEP.pt`` of the last
   K saves (hard links of the files just written where the file system allows: no second copy).
 """
@@ -22,8 +22,9 @@ from .config import TrainConfig, UserError
 NETG_NAME = "netG.pt"
 NETG_META_NAME = "netG.json"
 SNAPSHOT = re.compile(r"^(checkpoint|netG)_(\d+)\.(pt|json)$")
-# the arguments of build_models that shape the generator (ndf shapes only D)
+# the TrainConfig fields that shape the generator (ndf shapes only D)
 GENERATOR_ARGS = ("arch", "nz", "ngf", "channels", "image_size", "g_upsample")
+GENERATOR_CLASSES = {"dcgan": "Generator", "mlp": "MLPGenerator"}  # gan_fast.models, by --arch
 
 
 def read_training_checkpoint(path: str) -> tuple[str, dict]:
@@ -37,25 +38,32 @@ def read_training_checkpoint(path: str) -> tuple[str, dict]:
 
 
 def generator_metadata(cfg: TrainConfig, step: int, ema: bool) -> dict:
-    """netG.json: what rebuilds the generator of netG.pt (build_models' arguments) and where it is from."""
-    return {"build_models": {name: getattr(cfg, name) for name in GENERATOR_ARGS},
-            "step": step, "ema": ema, "format": "gan_fast netG 1"}
+    """netG.json: the class of the generator in netG.pt and its constructor's arguments (what plain
+    PyTorch code needs to load it), the step and whether it is the EMA generator."""
+    kwargs = {"nz": cfg.nz, "ngf": cfg.ngf, "nc": cfg.channels, "image_size": cfg.image_size}
+    if cfg.arch == "dcgan":
+        kwargs["upsample"] = cfg.g_upsample
+    return {"class": GENERATOR_CLASSES[cfg.arch], "kwargs": kwargs, "step": step, "ema": ema}
 
 
 def read_generator_metadata(netg_path: str) -> dict | None:
-    """The netG.json next to a netG.pt (netG_STEP.json next to netG_STEP.pt), None when absent."""
+    """The model flags (TrainConfig fields in GENERATOR_ARGS) of the netG.json next to a netG.pt
+    (netG_STEP.json next to netG_STEP.pt); None when there is none (e.g. pytorch/examples' files)."""
     meta_path = os.path.splitext(netg_path)[0] + ".json"
     if not os.path.isfile(meta_path):
         return None
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        args = meta["build_models"]
-        if not isinstance(args, dict) or set(args) - set(GENERATOR_ARGS):
-            raise ValueError("unknown build_models arguments")
+        arch = {cls: arch for arch, cls in GENERATOR_CLASSES.items()}[meta["class"]]
+        kw = dict(meta["kwargs"])
+        flags = {"arch": arch, "nz": kw.pop("nz"), "ngf": kw.pop("ngf"), "channels": kw.pop("nc"),
+                 "image_size": kw.pop("image_size"), "g_upsample": kw.pop("upsample", False)}
+        if kw:
+            raise ValueError(f"unknown arguments {sorted(kw)}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"can't read {meta_path}: {e}") from None
-    return meta
+        raise UserError(f"can't read {meta_path}: {type(e).__name__}: {e}") from None
+    return flags
 
 
 def save_generator(weights: dict, meta: dict, folder: str, name: str = NETG_NAME) -> str:
@@ -77,7 +85,7 @@ def after_checkpoint(trainer, path: str) -> None:
     netG = trainer.sample_model  # the EMA generator with --ema, as the sample grids
     meta = generator_metadata(trainer.cfg, trainer.step, ema=trainer.ema is not None)
     netg_path = save_generator(netG.state_dict(), meta, folder)
-    keep = getattr(trainer.cfg, "keep_checkpoints", 0) or 0
+    keep = trainer.cfg.keep_checkpoints
     if keep > 0:
         snapshot(folder, path, netg_path, trainer.step)
         prune_snapshots(folder, keep)
@@ -128,3 +136,36 @@ def load_generator_file(path: str) -> dict:
     if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
         raise UserError(f"{path} is not a state_dict of tensors")
     return weights
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def attach_tensorboard(metrics, cfg: TrainConfig, resume_step: int = 0):
+    """With --tensorboard, every row written to ``metrics`` (train.MetricsLog: metrics.jsonl) also goes
+    to TensorBoard event files in OUT/tensorboard, one scalar per number, at the row's step. Returns the
+    SummaryWriter (None without --tensorboard or on ranks that write no metrics).
+
+    On resume the events past the checkpoint's step (logged before a crash) are purged, as
+    metrics.jsonl drops its rows past that step, so both read as one continuous run."""
+    if not cfg.tensorboard or metrics is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's module imports the tensorboard package, an optional extra
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'gan_fast[tensorboard]' "
+                        "(or pip install tensorboard)") from None
+    writer = SummaryWriter(os.path.join(cfg.out, TENSORBOARD_DIR),
+                           purge_step=resume_step + 1 if resume_step else None)
+    write_jsonl = metrics.write
+
+    def write(row: dict) -> None:
+        write_jsonl(row)
+        step = int(row["step"])
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, value, step)
+        writer.flush()  # rows come once per log interval: flushing each keeps a killed run's events
+
+    metrics.write = write
+    return writer

@@ -123,9 +123,8 @@ def load_generator(args: argparse.Namespace, device: torch.device,
     if args.ema:
         raise UserError("--ema needs a gan_fast --checkpoint trained with --ema")
     model = {name: getattr(args, name) for name in GENERATOR_ARGS}
-    meta = read_generator_metadata(args.netG)
-    if meta is not None:  # a run's netG.pt: its netG.json says which model it is
-        saved = meta["build_models"]
+    saved = read_generator_metadata(args.netG)
+    if saved is not None:  # a run's netG.pt: its netG.json says which model it is
         differ = sorted(n for n in given & set(GENERATOR_ARGS) if n in saved and model[n] != saved[n])
         if differ:
             raise UserError(f"{', '.join(_flag(n, model[n]) for n in differ)}: the generator in "

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import __version__
 from . import checkpoint as ckpt
 from . import distributed
+from . import export
 from . import guard
 from .backends import BackendUnavailable, ops_for, resolve
 from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags,
@@ -36,7 +37,7 @@ from .signals import StopFlag
 # Flags that may change when a run is resumed; every other setting comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("steps", "epochs", "out", "device", "backend", "amp", "compile", "cuda_graphs",
                        "channels_last", "sample_every", "checkpoint_every", "log_every", "workers", "data",
-                       "ema", "eval_every", "eval_n", "fid", "fid_weights")
+                       "ema", "eval_every", "eval_n", "fid", "fid_weights", "keep_checkpoints", "tensorboard")
 STAT_NAMES = ("loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2")
 STAT_LABELS = ("Loss_D", "Loss_G", "D(x)", "D(G(z)) before the D step", "D(G(z)) after it")
 N_FIXED_NOISE = 64
@@ -265,6 +266,7 @@ class Trainer:
         if self.dist.is_main:
             with self.writing(path):
                 ckpt.save_checkpoint(self.state_dict(interval_sum=checked[:-1]), path)
+                export.after_checkpoint(self, path)  # netG.pt next to it; --keep-checkpoints snapshots
         self.last_good, self.saved_step = (path, self.step), self.step
         return path
 
@@ -339,6 +341,7 @@ class Trainer:
                  f"batch {self.global_batch}"
                  + (f" ({self.dist.world_size} ranks x {cfg.batch_size})" if self.dist.enabled else "")
                  + f", out {cfg.out}")
+        export.attach_tensorboard(metrics, cfg, resume_step=self.step)  # --tensorboard: rows go there too
         if cfg.eval_every is not None and main:
             self.evaluator = build_evaluator(cfg, self.device, self.data, log=self.log)
 
