@@ -266,8 +266,10 @@ class Trainer:
         if self.dist.is_main:
             with self.writing(path):
                 ckpt.save_checkpoint(self.state_dict(interval_sum=checked[:-1]), path)
-                export.after_checkpoint(self, path)  # netG.pt next to it; --keep-checkpoints snapshots
         self.last_good, self.saved_step = (path, self.step), self.step
+        if self.dist.is_main:  # then the generator alone next to it, and --keep-checkpoints snapshots
+            with self.writing(os.path.join(self.cfg.out, export.NETG_NAME)):
+                export.after_checkpoint(self, path)
         return path
 
     def diverged(self, what: str) -> guard.Diverged:

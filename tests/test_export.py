@@ -138,3 +138,24 @@ def test_tensorboard_gets_the_metrics_rows(tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars("loss_d")]
     assert [s for s, _ in logged] == [r["step"] for r in rows] == [2, 4, 6, 8]
     assert all(abs(v - r["loss_d"]) < 1e-5 for (_, v), r in zip(logged, rows))
+
+
+def test_disk_full_writing_netG_is_one_line_naming_the_checkpoint_just_written(tmp_path, monkeypatch):
+    import errno
+
+    from gan_fast.config import UserError
+
+    real_save = torch.save
+
+    def full_for_netG(obj, f):
+        if "optG" not in obj:  # the generator export, right after checkpoint.pt was written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", full_for_netG)
+    with pytest.raises(UserError) as e:
+        train_main([*TINY, "--steps", "4", "--checkpoint-every", "2", "--out", str(tmp_path)])
+    path = tmp_path / "checkpoint.pt"
+    assert str(e.value) == (f"can't write {tmp_path / 'netG.pt'} at step 2: No space left on device; the last "
+                            f"good checkpoint is {path} (step 2)")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "config.json", "metrics.jsonl", "real.png"]

@@ -252,7 +252,8 @@ def test_disk_full_mid_run_is_one_line_and_keeps_the_last_checkpoint(tmp_path, m
     real_save, saves = torch.save, []
 
     def save_until_full(obj, f):
-        saves.append(1)
+        if "optG" in obj:  # checkpoints only: the generator export (netG.pt) follows each of them
+            saves.append(1)
         if len(saves) >= 2:
             f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
