@@ -277,11 +277,13 @@ def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running
     """Upsample(x2, nearest) -> Conv2d(bias=False, stride 1) -> BatchNorm2d -> ReLU."""
     _check_input(x, 4, "upsample_conv2d_bn_relu", "[N, C, H, W]")
     padding = _pair(padding, "padding", 0)
-    # The folded form multiplies each input pixel by sums of taps: with an inf in x (or w) that is
-    # inf * (w1 + w2) where the reference computes inf * w1 + inf * w2, NaN for taps of opposite signs.
-    # So it runs only on finite values, which a CPU tensor tells without a device sync; elsewhere the
-    # direct form keeps the reference's non-finite pattern.
+    # The folded form multiplies each input pixel by sums of taps, so it runs only where that changes
+    # nothing: in fp32 / fp64 (a 16-bit sum of taps is rounded: in fp16 the conv output then errs
+    # several times more than the reference's, flipping ReLU masks) and on finite values (inf * (w1 + w2)
+    # where the reference computes inf * w1 + inf * w2, NaN for taps of opposite signs), which a CPU
+    # tensor tells without a device sync. Elsewhere the direct form is the reference's own.
     if (weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and padding == [1, 1] and x.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.float64)
             and bool(torch.isfinite(x).all()) and bool(torch.isfinite(weight).all())):
         y = F.conv_transpose2d(x, _upsample3x3_as_transposed(weight), None, 2, 1)
     else:

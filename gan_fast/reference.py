@@ -99,6 +99,16 @@ def check_momentum(momentum) -> float:
     return momentum
 
 
+def check_eps(eps) -> float:
+    """BatchNorm's eps as a float > 0 (F.batch_norm refuses eps <= 0 in training; 0 would divide by a
+    zero variance)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return float(eps)
+
+
 def check_slope(negative_slope) -> float:
     """LeakyReLU's slope as a float >= 0: both backends take the backward's mask from the forward's
     output (as torch's in-place LeakyReLU does), which identifies the negative inputs only when the

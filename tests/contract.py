@@ -151,9 +151,11 @@ def _call(fn: Callable, case: Case, args, dy=None, grads=True):
 
 
 def _agree(got: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor | None, dtype,
-           min_scale: float = 1e-6) -> str | None:
+           min_scale: float = 1e-6, any_nonfinite: bool = False) -> str | None:
     """None when got agrees with ref (same dtype) and ref64 (float64), else why not. ``min_scale``:
-    the magnitude to judge at when ref is itself ~0 by cancellation."""
+    the magnitude to judge at when ref is itself ~0 by cancellation. ``any_nonfinite``: NaN and inf
+    stand for each other (running statistics of a batch holding an inf: torch's Welford update gives
+    NaN where a two-pass mean gives inf; either way the statistic is lost, which is what must agree)."""
     if got is None or ref is None:
         return None if got is None and ref is None else f"one side has no tensor ({got is None}, {ref is None})"
     if got.shape != ref.shape:
@@ -162,6 +164,11 @@ def _agree(got: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor | None, dty
         return f"dtype {got.dtype} != {ref.dtype}"
     got, ref = got.detach().double(), ref.detach().double()
     fin = torch.isfinite(ref)
+    if any_nonfinite:
+        if not torch.equal(torch.isfinite(got), fin):
+            return "non-finite positions differ from the reference's"
+        got, ref = got.nan_to_num(0, 0, 0), ref.nan_to_num(0, 0, 0)
+        fin = torch.ones_like(fin)
     same_nonfinite = torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(got[~fin & ~torch.isnan(ref)],
                                                                                   ref[~fin & ~torch.isnan(ref)])
     if not same_nonfinite:
@@ -227,10 +234,52 @@ def run_case(backend: str, case: Case, *, check_grads=True, seed=0) -> tuple[str
         tiny = name.startswith("grad") and w is not None and w.numel() and \
             w.detach().abs().double().nan_to_num(0, 0, 0).max().item() < 1e-3 * grad_scale
         why = _agree(g, w, w64 if w64 is not None and w64.shape == w.shape else None, dtype,
-                     min_scale=grad_scale if tiny else 1e-6)
+                     min_scale=grad_scale if tiny else 1e-6, any_nonfinite=name.startswith("running"))
         if why is not None:
             return "mismatch", f"{name}: {why}"
     return "match", ""
+
+
+def invalid_variants(op, case):
+    """(label, case) pairs of invalid calls of ``op`` derived from a valid ``case``."""
+    out = []
+
+    def var(label, args=None, **kw):
+        c = Case(case.op, list(args if args is not None else case.args), dict(case.kwargs, **kw),
+                 case.grad_args, case.running, label)
+        out.append(c)
+
+    x, w = case.args[0], case.args[1]
+    var("3-D input", [x[0], *case.args[1:]])
+    var("weight of another dtype", [x, w.double(), *case.args[2:]])
+    var("channel mismatch", [x, w[:, :-1] if w.dim() > 1 and w.shape[1] > 1 else w.repeat(1, 2, *[1] * (w.dim() - 2)),
+                             *case.args[2:]])
+    if "stride" in case.kwargs:
+        var("stride 0", stride=0)
+        var("stride 1.5", stride=1.5)
+        var("stride (1, 2, 3)", stride=(1, 2, 3))
+    if "padding" in case.kwargs:
+        var("padding -1", padding=-1)
+    if "negative_slope" in case.kwargs:
+        var("negative_slope -0.2", negative_slope=-0.2)
+        var("negative_slope nan", negative_slope=float("nan"))
+    if op in BN_OPS:
+        var("momentum None", momentum=None)
+        var("eps 0", eps=0.0)
+        rm = case.running[0]
+        var("running_mean of the wrong size", [*case.args[:rm], case.args[rm][:-1], *case.args[rm + 1:]])
+        var("eval without running statistics", [*case.args[:rm], None, None], training=False)
+        if case.args[rm - 2] is not None:
+            var("bn_weight of the wrong size", [*case.args[:rm - 2], torch.cat([case.args[rm - 2]] * 2),
+                                                *case.args[rm - 1:]])
+    if op in ("d_head_bce_with_logits", "bce_with_logits"):
+        var("integer target", [*case.args[:-1], case.args[-1].round().long()])
+        var("target of the wrong size", [*case.args[:-1], torch.cat([case.args[-1], case.args[-1]])])
+    if op == "d_head_bce_with_logits":
+        var("zero channels", [x[:, :0], w[:, :0], case.args[2]])
+        var("empty spatial size", [x[:, :, :0, :0], w[:, :, :0, :0], case.args[2]])
+        var("weight not spanning the input", [x, w[:, :, :-1, :-1], case.args[2]])
+    return out
 
 
 def poison(backend: str, enabled: bool) -> None:

@@ -51,7 +51,8 @@ def activation_grad(dy, y, ACT: tl.constexpr, slope):
     LeakyReLU backward does it (y > 0 exactly where the input was > 0 for slope >= 0), and
     tanh' = 1 - y^2."""
     if ACT == 1:
-        dy = tl.where(y > 0, dy, 0.0)
+        # torch's threshold_backward: 0 where y <= 0, so a NaN output passes dy through
+        dy = tl.where(y <= 0, 0.0, dy)
     elif ACT == 2:
         dy = tl.where(y > 0, dy, dy * slope)
     elif ACT == 3:

@@ -54,6 +54,22 @@ _WGRAD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
 
 
 @triton.jit
+def round_to(v, DTYPE: tl.constexpr):
+    """fp32 v rounded to DTYPE (round to nearest even) and back to fp32. bfloat16 by its bits: Triton's
+    interpreter truncates an fp32 -> bf16 conversion whose result stays in registers (it rounds only
+    on a store), and the tests run there; on a GPU this is the same cvt.rn rounding."""
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        up = bits + 0x7FFF + ((bits >> 16) & 1)
+        r = (up & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(v != v, v, r)  # NaN stays NaN (its payload could carry into the exponent)
+    elif DTYPE == tl.float16:
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
 def mma(a, b, acc, DOT_FP32: tl.constexpr, TF32: tl.constexpr):
     """acc += a @ b in fp32. The interpreter's tl.dot mishandles bfloat16 (numpy has no bf16), so
     there the operands are widened first: products of two 16-bit floats are exact in fp32, which
@@ -126,7 +142,7 @@ def _conv2d_kernel(
     # The reference conv hands BatchNorm and the activation its output rounded to the tensor's dtype;
     # statistics of the unrounded accumulator would normalize the stored 16-bit z with a mean it never
     # had (a channel whose mean dwarfs its spread comes out all wrong). A no-op for fp32.
-    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+    acc = round_to(acc, y_ptr.dtype.element_ty)
     if STATS:
         store_tile_stats(acc, m_ok, offs_n, n_ok, pid_m, C_out, cnt_ptr, pmean_ptr, pm2_ptr)
     acc = apply_activation(acc, ACT, slope)
@@ -203,7 +219,7 @@ def _conv_transpose2d_kernel(
     # The reference conv hands BatchNorm and the activation its output rounded to the tensor's dtype;
     # statistics of the unrounded accumulator would normalize the stored 16-bit z with a mean it never
     # had (a channel whose mean dwarfs its spread comes out all wrong). A no-op for fp32.
-    acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+    acc = round_to(acc, y_ptr.dtype.element_ty)
     if STATS:
         store_tile_stats(acc, m_ok, offs_n, n_ok, phase * tl.num_programs(0) + pid_m, C_out,
                          cnt_ptr, pmean_ptr, pm2_ptr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reference import check_momentum, check_slope, differentiable_backward, refuse_double_backward_of_sync_bn
+from ..reference import check_eps, check_momentum, check_slope, differentiable_backward, refuse_double_backward_of_sync_bn
 from ._activation import LEAKY_RELU
 from ._batchnorm import BatchNormStats, eval_stats, bn_activation_backward, bn_activation_forward, bn_finalize
 from ._common import check_bias, check_bn, check_input, check_weight, grad_of, new_output_like
@@ -98,4 +98,4 @@ def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, runn
     check_bn(x, weight.shape[0], bn_weight, bn_bias, running_mean, running_var, training, x.shape[0])
     return LinearBatchNormLeakyReLUFunction.apply(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
-        float(check_momentum(momentum)), float(eps), check_slope(negative_slope), process_group)
+        float(check_momentum(momentum)), check_eps(eps), check_slope(negative_slope), process_group)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reference import check_momentum, differentiable_backward, refuse_double_backward_of_sync_bn
+from ..reference import check_eps, check_momentum, differentiable_backward, refuse_double_backward_of_sync_bn
 from ._activation import RELU
 from ._batchnorm import BatchNormStats, eval_stats, bn_activation_backward, bn_activation_forward, bn_finalize
 from ._common import check_bn, check_input, check_weight, empty_like_format, grad_of, pair
@@ -92,4 +92,4 @@ def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running
              x.shape[0] * OH * OW)
     return UpsampleConv2dBatchNormReLUFunction.apply(
         x, weight, bn_weight, bn_bias, running_mean, running_var, padding, bool(training),
-        float(check_momentum(momentum)), float(eps), process_group)
+        float(check_momentum(momentum)), check_eps(eps), process_group)
