@@ -74,10 +74,6 @@ class Trainer:
                  dist: distributed.DistContext = distributed.SINGLE):
         self.cfg, self.log, self.dist = cfg, log, dist
         self.device = pick_device(cfg.device)
-        if dist.is_main:  # an unwritable --out is one line now, not a traceback at the first save
-            removed = ckpt.prepare_out_dir(cfg.out)
-            if removed:
-                log(f"removed {len(removed)} temporary file(s) left in {cfg.out} by an interrupted write")
         try:
             self.backend = resolve(cfg.backend, self.device)
         except BackendUnavailable as e:
@@ -331,6 +327,7 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main  # under torchrun, rank 0 alone writes outputs
         metrics = None
         if main:
+            prepare_out_dir(cfg.out, self.log)
             with self.writing():
                 self.write_outputs_header()
                 metrics = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), resume_step=self.step)
@@ -616,6 +613,14 @@ class MetricsLog:
         ax.legend(lines, [line.get_label() for line in lines], loc="lower left")
 
 
+def prepare_out_dir(out: str, log=print) -> None:
+    """An unwritable --out is one line before training, not a traceback at the first save; the
+    temporary files of a write that a kill interrupted are removed."""
+    removed = ckpt.prepare_out_dir(out)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) left in {out} by an interrupted write")
+
+
 def resolve_config(args: argparse.Namespace, given: set[str]) -> tuple[TrainConfig, dict | None]:
     """The run's config and, with --resume, the checkpoint state it continues from."""
     cfg = config_from_args(args)
@@ -667,7 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if dist.enabled:
             cfg = dataclasses.replace(cfg, device=device)
-        return Trainer(cfg, state, log=print if dist.is_main else _silent, dist=dist).run()
+        log = print if dist.is_main else _silent
+        if dist.is_main:  # before loading the data: a mistake in --out costs nothing
+            prepare_out_dir(cfg.out, log)
+        return Trainer(cfg, state, log=log, dist=dist).run()
     finally:
         distributed.shutdown()
 
