@@ -106,6 +106,16 @@ def test_nonfinite_losses_at_the_log_interval_name_the_steps_and_the_last_good_c
     assert ckpt.load(path)["step"] == 4
 
 
+def test_inf_running_var_is_caught_at_the_log_interval(tmp_path, capsys):
+    # the same divergence seen at the log interval, where the statistics are synced anyway
+    out = str(tmp_path)
+    assert main([*TINY, "--steps", "8", "--lr", "3e8", "--log-every", "2", "--checkpoint-every", "100",
+                 "--out", out]) == 3
+    err = capsys.readouterr().err
+    assert "training diverged at step 2: non-finite training state" in err and "running_var" in err
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
 # ---------------------------------------------------------------- integrity (item 4)
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory):
@@ -223,25 +233,39 @@ def test_out_under_a_file_is_one_line_at_start(tmp_path):
                                              "run folder: Not a directory"]
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root writes into read-only folders; the probe failure is tested below")
+def _make_read_only(folder):
+    """Make ``folder`` unwritable; returns the undo, or None when that is impossible here. chmod for a
+    user; root writes into any folder, so for root the immutable attribute (chattr +i)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        return lambda: folder.chmod(0o700)
+    try:
+        subprocess.run(["chattr", "+i", str(folder)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
 def test_read_only_out_is_one_line_at_start(tmp_path):
     out = tmp_path / "ro"
     out.mkdir()
-    out.chmod(0o500)
+    undo = _make_read_only(out)
+    if undo is None:
+        pytest.skip("running as root on a file system without chattr +i: no folder is read-only to root")
     try:
         r = run_module("gan_fast.train", *TINY, "--steps", "1", "--out", str(out))
     finally:
-        out.chmod(0o700)
+        undo()
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "can't write in the run folder: Permission denied" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert f"error: --out {out}: can't write in the run folder: " in r.stderr
 
 
 def test_unwritable_out_is_refused_before_training(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refuse)  # the write probe, as in a read-only folder
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refuse)  # the write probe fails, as in a read-only folder
     monkeypatch.setattr(train.Trainer, "train_step", lambda *a: pytest.fail("trained"))
     with pytest.raises(UserError, match="can't write in the run folder: Permission denied"):
         main([*TINY, "--steps", "1", "--out", str(tmp_path)])
