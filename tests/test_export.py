@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -114,9 +115,7 @@ def test_keep_checkpoints(tmp_path):
 def test_tensorboard_missing_is_one_line(tmp_path):
     # tensorboard is an optional extra: without it, --tensorboard is a clear error before training
     code = ("import sys; sys.modules['torch.utils.tensorboard'] = None\n"  # an import that fails
-            "from gan_fast.train import cli; sys.argv[1:] = sys.argv[1:]; cli()")
-    import subprocess
-
+            "from gan_fast.train import cli; cli()")
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", code, *TINY, "--steps", "1", "--tensorboard", "--out",
                         str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
