@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gan_fast import backends, ext
+from gan_fast import backends, ext, reference
 
 from .ops.utils import (DEVICE, assert_close, bn_params, check_against_fp64, check_bn_op,
                         check_memory_format, grads, make_input)
@@ -34,47 +34,10 @@ RTOL = 1e-5  # fp32, relative to each tensor's largest magnitude (tests.ops.util
 from .conftest import needs_ext  # noqa: E402
 
 
-# ------------------------------------------------------------------------------------------------
-# The reference compositions (the nn modules' functional forms, as gan_fast/ops/*_reference; written
-# out here so that these tests never import Triton).
-
-def conv_transpose2d_bn_relu_ref(x, w, g, b, rm, rv, *, stride, padding, training, momentum, eps):
-    z = F.conv_transpose2d(x, w, None, stride, padding)
-    return F.relu(F.batch_norm(z, rm, rv, g, b, training, momentum, eps))
-
-
-def conv2d_bn_leaky_relu_ref(x, w, g, b, rm, rv, *, stride, padding, training, momentum, eps, negative_slope):
-    z = F.conv2d(x, w, None, stride, padding)
-    return F.leaky_relu(F.batch_norm(z, rm, rv, g, b, training, momentum, eps), negative_slope)
-
-
-def conv2d_leaky_relu_ref(x, w, bias, *, stride, padding, negative_slope):
-    return F.leaky_relu(F.conv2d(x, w, bias, stride, padding), negative_slope)
-
-
-def conv_transpose2d_tanh_ref(x, w, bias, *, stride, padding):
-    return torch.tanh(F.conv_transpose2d(x, w, bias, stride, padding))
-
-
-def linear_bn_leaky_relu_ref(x, w, bias, g, b, rm, rv, *, training, momentum, eps, negative_slope):
-    z = F.batch_norm(F.linear(x, w, bias), rm, rv, g, b, training, momentum, eps)
-    return F.leaky_relu(z, negative_slope)
-
-
-def upsample_conv2d_bn_relu_ref(x, w, g, b, rm, rv, *, padding, training, momentum, eps):
-    z = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, None, 1, padding)
-    return F.relu(F.batch_norm(z, rm, rv, g, b, training, momentum, eps))
-
-
-def d_head_bce_with_logits_ref(x, w, target):
-    logits = F.conv2d(x, w).view(-1)
-    return F.binary_cross_entropy_with_logits(logits, target.expand(logits.shape)), logits.detach()
-
-
 # Each BN block as f(x, weight, [bias,] gamma, beta, running_mean, running_var, training), the
 # signature tests.ops.utils.check_bn_op drives.
 def _bn_pair(name, **kw):
-    fused, ref = getattr(ext, name), globals()[name + "_ref"]
+    fused, ref = getattr(ext, name), getattr(reference, name)
     bn_kw = dict(momentum=MOMENTUM, eps=EPS)
     if name != "conv_transpose2d_bn_relu" and name != "upsample_conv2d_bn_relu":
         bn_kw["negative_slope"] = SLOPE
@@ -235,7 +198,7 @@ def test_conv2d_leaky_relu(n, cin, cout, size, k, stride, padding, layout, bias)
     b = make_input((cout,)) if bias else None
     kw = dict(stride=stride, padding=padding, negative_slope=SLOPE)
     check_plain_op(lambda x, w, b: ext.conv2d_leaky_relu(x, w, b, **kw),
-                   lambda x, w, b: conv2d_leaky_relu_ref(x, w, b, **kw),
+                   lambda x, w, b: reference.conv2d_leaky_relu(x, w, b, **kw),
                    make_input((n, cin, size, size), layout), [w, b], strided_dy=layout != "contiguous")
 
 
@@ -251,7 +214,7 @@ def test_conv_transpose2d_tanh(n, cin, cout, size, k, stride, padding, layout, b
     b = make_input((cout,)) if bias else None
     kw = dict(stride=stride, padding=padding)
     check_plain_op(lambda x, w, b: ext.conv_transpose2d_tanh(x, w, b, **kw),
-                   lambda x, w, b: conv_transpose2d_tanh_ref(x, w, b, **kw),
+                   lambda x, w, b: reference.conv_transpose2d_tanh(x, w, b, **kw),
                    make_input((n, cin, size, size), layout), [w, b], strided_dy=layout != "contiguous")
 
 
@@ -284,7 +247,7 @@ def test_d_head_bce_with_logits(n, c, size, layout, target):
     w = make_input((1, c, size, size), scale=(c * size * size) ** -0.5)
     t = _target(target, n)
     loss, logits = ext.d_head_bce_with_logits(x, w, t)
-    loss_ref, logits_ref = d_head_bce_with_logits_ref(x, w, t)
+    loss_ref, logits_ref = reference.d_head_bce_with_logits(x, w, t)
     assert loss.dim() == 0 and not logits.requires_grad
     assert_close(loss, loss_ref, RTOL, "loss")
     assert_close(logits, logits_ref, RTOL, "logits")
@@ -345,7 +308,7 @@ def test_bce_huge_logits_are_finite_and_exact(dtype):
     t = torch.tensor([1.0, 0.0, 0.0, 1.0], device=DEVICE, dtype=dtype)
     loss, logits = ext.d_head_bce_with_logits(xs, w, t)
     assert logits.tolist() == [100.0, -100.0, 100.0, -100.0]
-    loss_ref, _ = d_head_bce_with_logits_ref(xs.double(), w.double(), t.double())
+    loss_ref, _ = reference.d_head_bce_with_logits(xs.double(), w.double(), t.double())
     torch.testing.assert_close(loss.double(), loss_ref, rtol=2 * torch.finfo(dtype).eps, atol=0)
     gx, gw = torch.autograd.grad(loss, [x, w])
     assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
@@ -518,20 +481,20 @@ BF16_CASES = {
     "conv_transpose2d_bn_relu": (
         lambda x, w, g, b: ext.conv_transpose2d_bn_relu(x, w, g, b, None, None, stride=2, padding=1, training=True,
                                                         momentum=MOMENTUM, eps=EPS),
-        lambda x, w, g, b: conv_transpose2d_bn_relu_ref(x, w, g, b, None, None, stride=2, padding=1, training=True,
+        lambda x, w, g, b: reference.conv_transpose2d_bn_relu(x, w, g, b, None, None, stride=2, padding=1, training=True,
                                                         momentum=MOMENTUM, eps=EPS),
         lambda: [torch.randn(4, 32, 4, 4), torch.randn(32, 16, 4, 4) * 0.05, torch.rand(16) + 0.5, torch.randn(16)],
         4, 2),
     "conv2d_bn_leaky_relu": (
         lambda x, w, g, b: conv2d_bn_leaky_relu_eval(ext.conv2d_bn_leaky_relu, x, w, g, b),
-        lambda x, w, g, b: conv2d_bn_leaky_relu_eval(conv2d_bn_leaky_relu_ref, x, w, g, b),
+        lambda x, w, g, b: conv2d_bn_leaky_relu_eval(reference.conv2d_bn_leaky_relu, x, w, g, b),
         lambda: [torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last),
                  torch.randn(32, 16, 4, 4) * 0.05, torch.rand(32) + 0.5, torch.randn(32)],
         4, 2),
     "linear_bn_leaky_relu": (
         lambda x, w, bias, g, b: ext.linear_bn_leaky_relu(x, w, bias, g, b, None, None, training=True,
                                                           momentum=MOMENTUM, eps=EPS, negative_slope=SLOPE),
-        lambda x, w, bias, g, b: linear_bn_leaky_relu_ref(x, w, bias, g, b, None, None, training=True,
+        lambda x, w, bias, g, b: reference.linear_bn_leaky_relu(x, w, bias, g, b, None, None, training=True,
                                                           momentum=MOMENTUM, eps=EPS, negative_slope=SLOPE),
         lambda: [torch.randn(16, 64), torch.randn(48, 64) * 0.1, torch.randn(48), torch.rand(48) + 0.5,
                  torch.randn(48)],
@@ -539,24 +502,24 @@ BF16_CASES = {
     "upsample_conv2d_bn_relu": (
         lambda x, w, g, b: ext.upsample_conv2d_bn_relu(x, w, g, b, None, None, padding=1, training=True,
                                                        momentum=MOMENTUM, eps=EPS),
-        lambda x, w, g, b: upsample_conv2d_bn_relu_ref(x, w, g, b, None, None, padding=1, training=True,
+        lambda x, w, g, b: reference.upsample_conv2d_bn_relu(x, w, g, b, None, None, padding=1, training=True,
                                                        momentum=MOMENTUM, eps=EPS),
         lambda: [torch.randn(4, 16, 4, 4), torch.randn(24, 16, 3, 3) * 0.1, torch.rand(24) + 0.5, torch.randn(24)],
         4, 2),
     "conv2d_leaky_relu": (
         lambda x, w, b: ext.conv2d_leaky_relu(x, w, b, stride=2, padding=1, negative_slope=SLOPE),
-        lambda x, w, b: conv2d_leaky_relu_ref(x, w, b, stride=2, padding=1, negative_slope=SLOPE),
+        lambda x, w, b: reference.conv2d_leaky_relu(x, w, b, stride=2, padding=1, negative_slope=SLOPE),
         lambda: [torch.randn(4, 3, 16, 16), torch.randn(16, 3, 4, 4) * 0.1, torch.randn(16) * 0.1],
         3, 3),
     "conv_transpose2d_tanh": (
         lambda x, w, b: ext.conv_transpose2d_tanh(x, w, b, stride=2, padding=1),
-        lambda x, w, b: conv_transpose2d_tanh_ref(x, w, b, stride=2, padding=1),
+        lambda x, w, b: reference.conv_transpose2d_tanh(x, w, b, stride=2, padding=1),
         lambda: [torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last),
                  torch.randn(16, 3, 4, 4) * 0.1, torch.randn(3) * 0.1],
         3, 3),
     "d_head_bce_with_logits": (
         lambda x, w, t: ext.d_head_bce_with_logits(x, w, t),
-        lambda x, w, t: d_head_bce_with_logits_ref(x, w, t),
+        lambda x, w, t: reference.d_head_bce_with_logits(x, w, t),
         lambda: [torch.randn(16, 32, 4, 4), torch.randn(1, 32, 4, 4) * 0.05, torch.rand(16)],
         2, 3),
     "bce_with_logits": (
@@ -598,7 +561,7 @@ def test_bf16_running_statistics(layout):
         x = make_input((3, 3, 8, 8), layout, torch.bfloat16, requires_grad=False)
         kw = dict(stride=2, padding=1, training=training, momentum=MOMENTUM, eps=EPS, negative_slope=SLOPE)
         y = ext.conv2d_bn_leaky_relu(x, w, g, b, rm, rv, **kw)
-        y_ref = conv2d_bn_leaky_relu_ref(x, w, g, b, rm_ref, rv_ref, **kw)
+        y_ref = reference.conv2d_bn_leaky_relu(x, w, g, b, rm_ref, rv_ref, **kw)
         assert y.dtype == torch.bfloat16
         check_memory_format(y, x)
         torch.testing.assert_close(y.float(), y_ref.float(), rtol=0, atol=2 ** -8 * y_ref.abs().max().item())

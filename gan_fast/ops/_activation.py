@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, new_output_like
+from ._common import INTERPRET, cast_rtne, new_output_like
 
 NONE, RELU, LEAKY_RELU, TANH = 0, 1, 2, 3
 
@@ -88,7 +88,7 @@ def _bias_activation_backward_kernel(
                 mask=ok, other=0.0).to(tl.float32)
     dz = activation_grad(dy, y, ACT, slope)
     tl.store(dz_ptr + (n * s_dzn + h * s_dzh + w * s_dzw)[:, None] + cols[None, :] * s_dzc,
-             dz.to(dz_ptr.dtype.element_ty), mask=ok)
+             cast_rtne(dz, dz_ptr.dtype.element_ty), mask=ok)
     if HAS_BIAS:
         tl.atomic_add(dbias_ptr + cols, tl.sum(tl.where(ok, dz, 0.0), axis=0), mask=c_ok)
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._activation import activation_grad, apply_activation
-from ._common import INTERPRET, new_output, new_output_like
+from ._common import INTERPRET, cast_rtne, new_output, new_output_like
 
 
 @triton.jit
@@ -204,7 +204,7 @@ def _bn_activation_forward_kernel(
     shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)
     y = apply_activation(z * scale[None, :] + shift[None, :], ACT, slope)
     tl.store(y_ptr + (n * s_yn + h * s_yh + w * s_yw)[:, None] + cols[None, :] * s_yc,
-             y.to(y_ptr.dtype.element_ty), mask=ok)
+             cast_rtne(y, y_ptr.dtype.element_ty), mask=ok)
 
 
 def bn_activation_forward(z: torch.Tensor, stats: BatchNormStats, act: int, slope: float,
@@ -287,7 +287,7 @@ def _bn_activation_backward_dz_kernel(
     else:
         dz = dyb * scale[None, :]
     tl.store(dz_ptr + (n * s_dzn + h * s_dzh + w * s_dzw)[:, None] + cols[None, :] * s_dzc,
-             dz.to(dz_ptr.dtype.element_ty), mask=ok)
+             cast_rtne(dz, dz_ptr.dtype.element_ty), mask=ok)
     if BIAS_GRAD:
         # the gradient of a bias added before BatchNorm (Linear's): sum of dz, ~0 in training
         tl.atomic_add(dbias_ptr + cols, tl.sum(tl.where(ok, dz, 0.0), axis=0), mask=c_ok)

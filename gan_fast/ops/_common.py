@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # TRITON_INTERPRET=1 runs every kernel through Triton's numpy interpreter on the CPU. It is exact but
 # pays per program and per loop step, so it gets one large tile configuration and no autotuning;
@@ -17,6 +18,29 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Testing hook: when True every kernel output buffer starts as NaN, so an element a kernel forgets to
 # write fails the comparison instead of passing on whatever the allocator returned.
 POISON_OUTPUTS = False
+
+
+@triton.jit
+def round_to(v, DTYPE: tl.constexpr):
+    """fp32 v rounded to DTYPE (round to nearest even) and back to fp32. bfloat16 by its bits: Triton's
+    interpreter truncates an fp32 -> bf16 conversion whose result stays in registers (it rounds only
+    on a store), and the tests run there; on a GPU this is the same cvt.rn rounding."""
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        up = bits + 0x7FFF + ((bits >> 16) & 1)
+        r = (up & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(v != v, v, r)  # NaN stays NaN (its payload could carry into the exponent)
+    elif DTYPE == tl.float16:
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
+def cast_rtne(v, DTYPE: tl.constexpr):
+    """fp32 v converted to DTYPE rounding to nearest even, on a GPU and in the interpreter alike (see
+    round_to): every 16-bit store goes through it so the tests judge what a GPU computes."""
+    return round_to(v, DTYPE).to(DTYPE)
 
 
 def new_output(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:

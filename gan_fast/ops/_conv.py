@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._activation import NONE, apply_activation
 from ._batchnorm import new_partials, store_tile_stats
+from ._common import cast_rtne, round_to
 from ._common import INTERPRET, configs, empty_like_format, num_sms, zero_args
 
 # (BLOCK_M pixels, BLOCK_N output channels, BLOCK_K input channels), num_warps, num_stages.
@@ -51,22 +52,6 @@ _WGRAD_GPU = [
     ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
 ]
 _WGRAD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
-
-
-@triton.jit
-def round_to(v, DTYPE: tl.constexpr):
-    """fp32 v rounded to DTYPE (round to nearest even) and back to fp32. bfloat16 by its bits: Triton's
-    interpreter truncates an fp32 -> bf16 conversion whose result stays in registers (it rounds only
-    on a store), and the tests run there; on a GPU this is the same cvt.rn rounding."""
-    if DTYPE == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        up = bits + 0x7FFF + ((bits >> 16) & 1)
-        r = (up & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return tl.where(v != v, v, r)  # NaN stays NaN (its payload could carry into the exponent)
-    elif DTYPE == tl.float16:
-        return v.to(tl.float16).to(tl.float32)
-    else:
-        return v
 
 
 @triton.jit
@@ -147,7 +132,7 @@ def _conv2d_kernel(
         store_tile_stats(acc, m_ok, offs_n, n_ok, pid_m, C_out, cnt_ptr, pmean_ptr, pm2_ptr)
     acc = apply_activation(acc, ACT, slope)
     y_ptrs = y_ptr + (nb * s_yn + oh * s_yh + ow * s_yw)[:, None] + offs_n[None, :] * s_yc
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptrs, cast_rtne(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.autotune(configs=configs(_GEMM_GPU, _GEMM_INTERPRET, pre_hook=zero_args("cnt_ptr")),
@@ -225,7 +210,7 @@ def _conv_transpose2d_kernel(
                          cnt_ptr, pmean_ptr, pm2_ptr)
     acc = apply_activation(acc, ACT, slope)
     y_ptrs = y_ptr + (nb * s_yn + oh * s_yh + ow * s_yw)[:, None] + offs_n[None, :] * s_yc
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptrs, cast_rtne(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.autotune(configs=configs(_WGRAD_GPU, _WGRAD_INTERPRET, pre_hook=zero_args("dw_ptr")),

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .. import reference
 from ..reference import differentiable_backward, loss_dtype
-from ._common import INTERPRET, check_input, check_tensor, new_output
+from ._common import INTERPRET, cast_rtne, check_input, check_tensor, new_output
 
 _BLOCK = 1024 if not INTERPRET else 4096
 
@@ -61,10 +61,10 @@ def _bce_backward_kernel(logit_ptr, target_ptr, grad_loss_ptr, dlogit_ptr, dtarg
     g = tl.load(grad_loss_ptr).to(tl.float32) * inv_numel
     logit = tl.load(logit_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     target = tl.load(target_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dlogit_ptr + offs, ((sigmoid_fp32(logit) - target) * g).to(dlogit_ptr.dtype.element_ty),
+    tl.store(dlogit_ptr + offs, cast_rtne((sigmoid_fp32(logit) - target) * g, dlogit_ptr.dtype.element_ty),
              mask=ok)
     if TARGET_GRAD:
-        tl.store(dtarget_ptr + offs, (-logit * g).to(dtarget_ptr.dtype.element_ty), mask=ok)
+        tl.store(dtarget_ptr + offs, cast_rtne(-logit * g, dtarget_ptr.dtype.element_ty), mask=ok)
 
 
 def bce_forward(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

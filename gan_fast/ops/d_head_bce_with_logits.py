@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import reference
 from ..reference import differentiable_backward, loss_dtype
-from ._common import INTERPRET, check_input, check_weight, new_output_like
+from ._common import INTERPRET, cast_rtne, check_input, check_weight, new_output_like
 from .bce_with_logits import bce_backward, bce_forward, check_target
 
 _BLOCK_N, _BLOCK_K = (16, 256) if INTERPRET else (16, 128)
@@ -73,14 +73,14 @@ def _d_head_backward_kernel(
         g = tl.load(dlogit_ptr + rows, mask=r_ok, other=0.0)
         if X_GRAD:
             tl.store(_features(dx_ptr, rows, k, HW, W, s_dxn, s_dxc, s_dxh, s_dxw),
-                     (g[:, None] * w[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
+                     cast_rtne(g[:, None] * w[None, :], dx_ptr.dtype.element_ty), mask=ok)
         if W_GRAD:
             x = tl.load(_features(x_ptr, rows, k, HW, W, s_xn, s_xc, s_xh, s_xw), mask=ok,
                         other=0.0).to(tl.float32)
             dw += tl.sum(x * g[:, None], axis=0)
     if W_GRAD:
         tl.store(dw_ptr + c * s_dwc + (hw // W) * s_dwh + (hw % W) * s_dww,
-                 dw.to(dw_ptr.dtype.element_ty), mask=k_ok)
+                 cast_rtne(dw, dw_ptr.dtype.element_ty), mask=k_ok)
 
 
 def d_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
