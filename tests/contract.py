@@ -155,11 +155,14 @@ def _call(fn: Callable, case: Case, args, dy=None, grads=True):
 
 
 def _agree(got: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor | None, dtype,
-           min_scale: float = 1e-6, any_nonfinite: bool = False) -> str | None:
+           min_scale: float = 1e-6, any_nonfinite: bool = False, finite_only: bool = False) -> str | None:
     """None when got agrees with ref (same dtype) and ref64 (float64), else why not. ``min_scale``:
     the magnitude to judge at when ref is itself ~0 by cancellation. ``any_nonfinite``: NaN and inf
     stand for each other (running statistics of a batch holding an inf: torch's Welford update gives
-    NaN where a two-pass mean gives inf; either way the statistic is lost, which is what must agree)."""
+    NaN where a two-pass mean gives inf; either way the statistic is lost, which is what must agree).
+    ``finite_only``: compare only where both are finite (a weight gradient of an input holding an inf:
+    any GEMM multiplies that inf by the zeros of padding or masked lanes, into NaN at places its
+    blocking decides; oneDNN's bf16 kernels do it too, at other places)."""
     if got is None or ref is None:
         return None if got is None and ref is None else f"one side has no tensor ({got is None}, {ref is None})"
     if got.shape != ref.shape:
@@ -168,6 +171,11 @@ def _agree(got: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor | None, dty
         return f"dtype {got.dtype} != {ref.dtype}"
     got, ref = got.detach().double(), ref.detach().double()
     fin = torch.isfinite(ref)
+    if finite_only:
+        both = fin & torch.isfinite(got)
+        got, ref = torch.where(both, got, 0.0), torch.where(both, ref, 0.0)
+        ref64 = torch.where(both, ref64.double(), 0.0) if ref64 is not None else None
+        fin = torch.ones_like(fin)
     if any_nonfinite:
         if not torch.equal(torch.isfinite(got), fin):
             return "non-finite positions differ from the reference's"
@@ -247,16 +255,20 @@ def run_case(backend: str, case: Case, *, check_grads=True, seed=0) -> tuple[str
     want64_all = [*want64[0], *want64[1], *want64[2]] if want64 is not None else [None] * len(want_all)
     if len(got_all) != len(want_all):
         return "mismatch", f"{len(got_all)} tensors vs the reference's {len(want_all)}"
-    # A gradient that is ~0 by cancellation (a bias before training-mode BatchNorm: exactly 0 up to
-    # rounding) holds only the rounding of sums whose terms the call's other gradients also sum:
-    # their magnitude is the scale it is judged at.
+    # A gradient much smaller than the call's largest is small by cancellation (a bias before
+    # training-mode BatchNorm is exactly 0 up to rounding; a Linear weight feeding BatchNorm with one
+    # input feature is ~0 as the output is invariant to its scale): it holds the rounding of sums whose
+    # terms are of the call's gradient scale, which is the scale it is judged at.
+    nonfinite_input = any(isinstance(a, torch.Tensor) and a.is_floating_point() and not torch.isfinite(a).all()
+                          for a in case.args)
     grad_scale = max([w.detach().abs().double().nan_to_num(0, 0, 0).max().item()
                       for w in want[1] if w is not None and w.numel()] or [1e-6])
     for name, g, w, w64 in zip(names, got_all, want_all, want64_all):
         tiny = name.startswith("grad") and w is not None and w.numel() and \
-            w.detach().abs().double().nan_to_num(0, 0, 0).max().item() < 1e-3 * grad_scale
+            w.detach().abs().double().nan_to_num(0, 0, 0).max().item() < 0.05 * grad_scale
         why = _agree(g, w, w64 if w64 is not None and w64.shape == w.shape else None, dtype,
-                     min_scale=grad_scale if tiny else 1e-6, any_nonfinite=name.startswith("running"))
+                     min_scale=grad_scale if tiny else 1e-6, any_nonfinite=name.startswith("running"),
+                     finite_only=name.startswith("grad") and nonfinite_input)
         if why is not None:
             return "mismatch", f"{name}: {why}"
     return "match", ""
