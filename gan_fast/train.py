@@ -24,7 +24,7 @@ from . import distributed
 from . import export
 from . import guard
 from .backends import BackendUnavailable, ops_for, resolve
-from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags,
+from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags, given_flags,
                      config_from_args, run_cli)
 from .cuda_graphs import set_capturable
 from .datasets import SKIPPED_FILES_NAME, load_dataset, to_model_input
@@ -647,18 +647,6 @@ def resolve_config(args: argparse.Namespace, given: set[str]) -> tuple[TrainConf
     if "epochs" in given:
         saved.steps = None
     return saved.validate(), state
-
-
-def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """Names of the flags that appear on the command line, as opposed to defaults."""
-    defaults = {action: action.default for action in parser._actions}
-    for action in defaults:
-        action.default = argparse.SUPPRESS
-    try:
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action, default in defaults.items():
-            action.default = default
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 classified (tests/contract.py): shapes (batch 1-9, channels 1-70, spatial 1-40), dtypes (fp32, fp64,
 bf16, fp16), layouts, train / eval, affine or not, bias or not, inf / NaN entries and invalid
 arguments. Allowed outcomes: a match (or a ReLU input within a rounding of 0 on the other side of the
-kink, "kink"), both refusing, or the backend refusing with a clear error (e.g. Triton and float64). Any mismatch, accepted invalid call or unclear exception fails, with the
-cases listed.
+kink, "kink"), both refusing, or the backend refusing with a clear error (e.g. Triton and float64).
+Any mismatch, accepted invalid call or unclear exception fails, with the cases listed.
 
 GAN_FAST_FUZZ_SEED=<int> runs another seed (the default is fixed so CI is reproducible);
 GAN_FAST_FUZZ_CALLS=<ext>,<triton> changes the number of calls.

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import differentiable_backward, refuse_double_backward_of_sync_bn
 from ._activation import activation_grad, apply_activation
 from ._common import INTERPRET, cast_rtne, new_output, new_output_like
 
@@ -115,6 +116,18 @@ class BatchNormStats:
 
     def tensors(self):
         return self.mean, self.invstd, self.scale, self.shift
+
+
+def differentiable_bn_backward(ctx, group, reference_fn, tensors, dy):
+    """The Function's gradients for a backward with create_graph=True (reference.differentiable_backward):
+    through ``reference_fn(*tensors, running_mean, running_var)``, the running statistics being the
+    eval-mode copies of ``eval_stats`` (None in training), padded with None for the non-tensor
+    arguments. Synchronised statistics can't be replayed: refused."""
+    if group is not None:
+        refuse_double_backward_of_sync_bn("triton")
+    inputs = (*tensors, *ctx.eval_stats)
+    grads = differentiable_backward(reference_fn, inputs, (dy,), ctx.needs_input_grad[:len(inputs)])
+    return (*grads, *[None] * (len(ctx.needs_input_grad) - len(inputs)))
 
 
 def eval_stats(training: bool, running_mean, running_var):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reference import check_eps, check_momentum, check_slope, differentiable_backward, refuse_double_backward_of_sync_bn
+from ..reference import check_eps, check_momentum, check_slope
 from ._activation import LEAKY_RELU
-from ._batchnorm import BatchNormStats, eval_stats, bn_activation_backward, bn_activation_forward, bn_finalize
+from ._batchnorm import (BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize,
+                         differentiable_bn_backward, eval_stats)
 from ._common import check_bn, check_input, check_weight, empty_like_format, grad_of, pair
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
 
@@ -57,15 +58,9 @@ class Conv2dBatchNormLeakyReLUFunction(torch.autograd.Function):
         x, weight, z, bn_weight, bn_bias, *stat_tensors = ctx.saved_tensors
         stride, padding, training, count, slope, group = ctx.conf
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            if group is not None:
-                refuse_double_backward_of_sync_bn("triton")
-            rm, rv = ctx.eval_stats
-            return (*differentiable_backward(
-                lambda *t: reference.conv2d_bn_leaky_relu(
-                    *t, stride=stride, padding=padding, training=training, momentum=0.0, eps=ctx.eps,
-                    negative_slope=slope),
-                (x, weight, bn_weight, bn_bias, rm, rv), (dy,), ctx.needs_input_grad[:6]),
-                None, None, None, None, None, None, None)
+            return differentiable_bn_backward(ctx, group, lambda *t: reference.conv2d_bn_leaky_relu(
+                *t, stride=stride, padding=padding, training=training, momentum=0.0, eps=ctx.eps,
+                negative_slope=slope), (x, weight, bn_weight, bn_bias), dy)
         dx, dw, dgamma, dbeta = conv2d_bn_leaky_relu_backward(
             dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), stride, padding, training,
             slope, ctx.needs_input_grad[:2])

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reference import check_eps, check_momentum, check_slope, differentiable_backward, refuse_double_backward_of_sync_bn
+from ..reference import check_eps, check_momentum, check_slope
 from ._activation import LEAKY_RELU
-from ._batchnorm import BatchNormStats, eval_stats, bn_activation_backward, bn_activation_forward, bn_finalize
+from ._batchnorm import (BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize,
+                         differentiable_bn_backward, eval_stats)
 from ._common import check_bias, check_bn, check_input, check_weight, grad_of, new_output_like
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad, tf32_allowed
 
@@ -71,14 +72,9 @@ class LinearBatchNormLeakyReLUFunction(torch.autograd.Function):
         x, weight, z, bias, bn_weight, bn_bias, *stat_tensors = ctx.saved_tensors
         training, count, slope, group = ctx.conf
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            if group is not None:
-                refuse_double_backward_of_sync_bn("triton")
-            rm, rv = ctx.eval_stats
-            return (*differentiable_backward(
-                lambda *t: reference.linear_bn_leaky_relu(
-                    *t, training=training, momentum=0.0, eps=ctx.eps, negative_slope=slope),
-                (x, weight, bias, bn_weight, bn_bias, rm, rv), (dy,), ctx.needs_input_grad[:7]),
-                None, None, None, None, None)
+            return differentiable_bn_backward(ctx, group, lambda *t: reference.linear_bn_leaky_relu(
+                *t, training=training, momentum=0.0, eps=ctx.eps, negative_slope=slope),
+                (x, weight, bias, bn_weight, bn_bias), dy)
         dx, dw, dbias, dgamma, dbeta = linear_bn_leaky_relu_backward(
             dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), training, slope,
             ctx.needs_input_grad[:3])

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reference import check_eps, check_momentum, differentiable_backward, refuse_double_backward_of_sync_bn
+from ..reference import check_eps, check_momentum
 from ._activation import RELU
-from ._batchnorm import BatchNormStats, eval_stats, bn_activation_backward, bn_activation_forward, bn_finalize
+from ._batchnorm import (BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize,
+                         differentiable_bn_backward, eval_stats)
 from ._common import check_bn, check_input, check_weight, empty_like_format, grad_of, pair
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
 
@@ -59,14 +60,8 @@ class UpsampleConv2dBatchNormReLUFunction(torch.autograd.Function):
         x, weight, z, bn_weight, bn_bias, *stat_tensors = ctx.saved_tensors
         padding, training, count, group = ctx.conf
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            if group is not None:
-                refuse_double_backward_of_sync_bn("triton")
-            rm, rv = ctx.eval_stats
-            return (*differentiable_backward(
-                lambda *t: reference.upsample_conv2d_bn_relu(
-                    *t, padding=padding, training=training, momentum=0.0, eps=ctx.eps),
-                (x, weight, bn_weight, bn_bias, rm, rv), (dy,), ctx.needs_input_grad[:6]),
-                None, None, None, None, None)
+            return differentiable_bn_backward(ctx, group, lambda *t: reference.upsample_conv2d_bn_relu(
+                *t, padding=padding, training=training, momentum=0.0, eps=ctx.eps), (x, weight, bn_weight, bn_bias), dy)
         dx, dw, dgamma, dbeta = upsample_conv2d_bn_relu_backward(
             dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), padding, training,
             ctx.needs_input_grad[:2])
