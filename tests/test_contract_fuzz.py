@@ -46,8 +46,14 @@ def random_case(rng: random.Random, small: bool):
     padding = rng.randint(0, k - 1)
     if op == "d_head_bce_with_logits":
         k = size
+    kind = rng.choice(("contiguous", "channels_last", "strided"))
+    if op in ("conv2d_bn_leaky_relu", "conv2d_leaky_relu") and k == 1 and stride > 1 and kind == "channels_last":
+        # torch 2.13's CPU conv2d weight gradient of a channels_last input with a 1x1 stride-2 kernel
+        # corrupts the heap (plain F.conv2d + autograd.grad, no gan_fast involved): the reference itself
+        # can't be run there. DCGAN has no such layer.
+        kind = "contiguous"
     kw = dict(n=n, cin=cin, cout=cout, size=size, k=k, stride=stride, padding=padding, dtype=dtype,
-              kind=rng.choice(("contiguous", "channels_last", "strided")), training=rng.random() < 0.7,
+              kind=kind, training=rng.random() < 0.7,
               affine=rng.random() < 0.8, bias=rng.random() < 0.7, slope=rng.choice((0.0, 0.2, 0.01)),
               momentum=rng.choice((0.1, 0.5, 1.0)), scale=rng.choice((1.0, 1e-3, 30.0)), device=DEVICE)
     case = make_case(op, torch.Generator().manual_seed(rng.getrandbits(31)), **kw)
