@@ -131,7 +131,11 @@ def test_streaming_matches_in_memory(tmp_path):
     source = ImageSource(str(tmp_path))
     stream = StreamingImages(source, 16, 3, torch.device("cpu"), seed=5, workers=0)
     memory = load_dataset(str(tmp_path), 16, 3, torch.device("cpu"), 5, log=lambda *a: None)
-    for a, b in zip(stream.batches(2, epoch=1, start=1), memory.batches(2, epoch=1, start=1)):
+    # whole lists, not zip(): zip of two generators stops at the shorter, and passes when both are empty
+    streamed = list(stream.batches(2, epoch=1, start=1))
+    in_memory = list(memory.batches(2, epoch=1, start=1))
+    assert len(streamed) == len(in_memory) > 0
+    for a, b in zip(streamed, in_memory):
         assert torch.equal(a, b)
 
 
