@@ -150,11 +150,14 @@ def test_relu_of_minus_inf_is_zero(backend, training):
     w = -torch.ones(4, 1, 1, 1, dtype=torch.float16, device=DEVICE)
     rm, rv = torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE)
     kw = dict(stride=1, padding=0, training=training, momentum=0.1, eps=1e-5)
-    xs = x.repeat(2, 1, 1, 1) if training else x  # training needs more than one value per channel
-    xs[-1:] = 1.0
+    xs = x
+    if training:  # more than one value per channel: a second sample whose conv output is finite (-4)
+        xs = torch.cat([x, torch.ones_like(x)])
     case = Case("conv_transpose2d_bn_relu", [xs, w, None, None, rm, rv], kw, (), (4, 5))
     _expect(backend, case)
     if not training:
+        z = torch.nn.functional.conv_transpose2d(x, w)
+        assert z.item() == float("-inf")  # the repro: the fp16 conv overflows
         y = getattr(backends.ops_for(backend), "conv_transpose2d_bn_relu")(x, w, None, None, rm, rv, **kw)
         assert y.item() == 0.0
 
