@@ -8,7 +8,7 @@
   to rebuild) unless GAN_FAST_EXT_REQUIRED=1, which CI sets so a C++ error turns CI red.
 - Every build's full output (compiler errors included) goes to build/gan_fast_ext_build.log as well
   as to the terminal: pip hides a successful install's build output, so without the file a tolerated
-  compiler error would leave no trace. gan_fast.ext's unavailable_reason() and the tests name it.
+  compiler error would leave no trace. gan_fast.backends.ext's unavailable_reason() and the tests name it.
 """
 import glob
 import os
@@ -19,7 +19,7 @@ import traceback
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-BUILD_LOG = os.path.join(ROOT, "build", "gan_fast_ext_build.log")  # gan_fast/ext.py names this path too
+BUILD_LOG = os.path.join(ROOT, "build", "gan_fast_ext_build.log")  # gan_fast/backends/ext.py names this path too
 
 
 def _flag(name):

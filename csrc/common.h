@@ -38,12 +38,12 @@ namespace gan_fast {
 
 using at::Tensor;
 
-// Activation codes shared with gan_fast/ext.py (ACT_*). The BatchNorm kernels pass act through to
+// Activation codes shared with gan_fast/backends/ext.py (ACT_*). The BatchNorm kernels pass act through to
 // the activation helpers (cpu_vec.h activate, cuda_common.h activate): ReLU is not LeakyReLU(0),
 // whose 0 * -inf is NaN.
 enum Act : int64_t { kActNone = 0, kActRelu = 1, kActLeakyRelu = 2, kActTanh = 3 };
 
-// Testing hook (gan_fast.ext.poison_outputs, op set_poison_outputs): while set, every buffer a
+// Testing hook (gan_fast.backends.ext.poison_outputs, op set_poison_outputs): while set, every buffer a
 // kernel is to fill starts as NaN, so an element a kernel forgets to write fails the tests'
 // comparison instead of passing on whatever the allocator returned. One flag for every translation
 // unit (an inline function's static is shared across them).
@@ -83,7 +83,7 @@ inline void check_same_device(const Tensor& t, const Tensor& ref, const char* op
               " but the input is on ", ref.device());
 }
 
-// Planes or rows: contiguous, or channels_last (4-D), else a copy. gan_fast/ext.py's
+// Planes or rows: contiguous, or channels_last (4-D), else a copy. gan_fast/backends/ext.py's
 // _dense_like() mirrors this rule for the fake (meta) kernels.
 inline Tensor dense_input(const Tensor& x) {
   if (x.is_contiguous()) return x;

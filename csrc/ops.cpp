@@ -1,6 +1,6 @@
 // The gan_fast operator library: schemas only. Implementations are registered per device
 // (csrc/kernels_cpu.cpp for CPU, csrc/cuda/*.cu for CUDA); autograd formulas and fake (meta)
-// kernels are registered from Python in gan_fast/ext.py through torch.library, the layout
+// kernels are registered from Python in gan_fast/backends/ext.py through torch.library, the layout
 // pytorch/extension-cpp uses (extension_cpp/csrc/muladd.cpp + extension_cpp/ops.py).
 //
 // Every op is functional (returns fresh tensors) except bn_update_stats_, which updates the
@@ -21,8 +21,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(gan_fast, m) {
-  // Fake kernels live in gan_fast.ext: torch.compile imports it when it meets these ops.
-  m.set_python_module("gan_fast.ext");
+  // Fake kernels live in gan_fast.backends.ext: torch.compile imports it when it meets these ops.
+  m.set_python_module("gan_fast.backends.ext");
   // act: 0 none, 1 relu, 2 leaky_relu(negative_slope). Returns (y, mean, var): in training the
   // batch mean and biased variance, in eval copies of the running statistics; both in the
   // accumulation dtype (float32 for half / bfloat16 inputs).

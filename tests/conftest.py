@@ -41,7 +41,7 @@ def tiny_args():
 # The ext backend's tests: `@needs_ext` (or pytest.param("ext", marks=needs_ext)).
 #
 # An extension that failed to build (setup.py tolerates compiler errors so that the install
-# succeeds) or can't be loaded makes these tests FAIL, with the reason gan_fast.ext gives (the build
+# succeeds) or can't be loaded makes these tests FAIL, with the reason gan_fast.backends.ext gives (the build
 # log's location and how to rebuild): skipping them let the README's `python -m pytest` go green
 # with ~90 ext tests silently skipped. Only a user who set GAN_FAST_NO_EXT=1 on purpose (as for the
 # install) gets skips instead.
@@ -54,7 +54,7 @@ def _flag(name: str) -> bool:
 
 
 def ext_missing_reason() -> str | None:
-    from gan_fast import ext
+    from gan_fast.backends import ext
 
     return ext.unavailable_reason()
 

@@ -61,6 +61,6 @@ def test_import_gan_fast_loads_no_backend():
     # fuse is imported eagerly by gan_fast/__init__.py: that must stay free of triton and of the
     # compiled extension (both are loaded by the first fuse() / ops_for() that needs them).
     r = _run("import sys, gan_fast\n"
-             "loaded = [m for m in ('triton', 'gan_fast._C', 'gan_fast.ext', 'gan_fast.ops') if m in sys.modules]\n"
+             "loaded = [m for m in ('triton', 'gan_fast._C', 'gan_fast.backends.ext', 'gan_fast.backends.triton') if m in sys.modules]\n"
              "print(loaded)\n")
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)

@@ -97,16 +97,16 @@ def _documented_signatures() -> dict[str, tuple[list[str], list[str]]]:
 
 
 def _backend_modules():
-    from gan_fast import ext
+    from gan_fast.backends import ext
 
     modules = [ext]
     try:
         import triton  # noqa: F401  (the triton backend is optional; its functions need it to import)
     except ImportError:
         return modules
-    from gan_fast import ops
+    from gan_fast.backends import triton as triton_backend
 
-    return modules + [ops]
+    return modules + [triton_backend]
 
 
 def test_ops_contract_listing_matches_the_backends():

@@ -1,5 +1,5 @@
 """What happens when the C++ extension did not build: setup.py keeps the compiler's output in
-build/gan_fast_ext_build.log (and the install goes on), gan_fast.ext names that log, and the README's
+build/gan_fast_ext_build.log (and the install goes on), gan_fast.backends.ext names that log, and the README's
 `python -m pytest` fails every ext test with that message instead of skipping ~90 of them, unless
 GAN_FAST_NO_EXT=1 says the extension is off on purpose. Each case runs in a subprocess: the
 extension is made unloadable there (``sys.modules["gan_fast._C"] = None`` makes ``from . import _C``
@@ -27,12 +27,12 @@ def _env(**overrides) -> dict:
 
 
 def _pytest_without_the_extension(env: dict) -> subprocess.CompletedProcess:
-    # tests/test_ext.py's ext tests (-m needs_ext) with gan_fast._C unloadable; nothing but the
+    # tests/backends/test_ext.py's ext tests (-m needs_ext) with gan_fast._C unloadable; nothing but the
     # conftest's setup hook runs, so this takes the time of collecting one module
     code = ("import sys; sys.modules['gan_fast._C'] = None\n"
             "import pytest\n"
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rfs', '-m', 'needs_ext', "
-            "'tests/test_ext.py']))\n")
+            "'tests/backends/test_ext.py']))\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=600)
 

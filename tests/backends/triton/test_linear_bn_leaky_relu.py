@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gan_fast.ops import linear_bn_leaky_relu
-from gan_fast.reference import linear_bn_leaky_relu as linear_bn_leaky_relu_reference
+from gan_fast.backends.triton import linear_bn_leaky_relu
+from gan_fast.backends.reference import linear_bn_leaky_relu as linear_bn_leaky_relu_reference
 
-from .conftest import DEVICE
-from .utils import check_against_fp64, check_bn_op, make_input
+from ...conftest import DEVICE
+from ..utils import check_against_fp64, check_bn_op, make_input
 
 EPS, MOMENTUM, SLOPE = 1e-5, 0.1, 0.2
 

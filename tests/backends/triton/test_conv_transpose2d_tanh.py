@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gan_fast.ops import conv_transpose2d_tanh
-from gan_fast.reference import conv_transpose2d_tanh as conv_transpose2d_tanh_reference
+from gan_fast.backends.triton import conv_transpose2d_tanh
+from gan_fast.backends.reference import conv_transpose2d_tanh as conv_transpose2d_tanh_reference
 
-from .conftest import DEVICE
-from .utils import assert_close, check_against_fp64, check_memory_format, grads, make_input
+from ...conftest import DEVICE
+from ..utils import assert_close, check_against_fp64, check_memory_format, grads, make_input
 
 
 @pytest.mark.parametrize("n, cin, cout, size, stride, padding, bias, layout", [

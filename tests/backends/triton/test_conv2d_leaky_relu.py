@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gan_fast.ops import conv2d_leaky_relu
-from gan_fast.reference import conv2d_leaky_relu as conv2d_leaky_relu_reference
+from gan_fast.backends.triton import conv2d_leaky_relu
+from gan_fast.backends.reference import conv2d_leaky_relu as conv2d_leaky_relu_reference
 
-from .conftest import DEVICE
-from .utils import assert_close, check_against_fp64, check_memory_format, grads, make_input
+from ...conftest import DEVICE
+from ..utils import assert_close, check_against_fp64, check_memory_format, grads, make_input
 
 
 @pytest.mark.parametrize("n, cin, cout, size, k, stride, padding, bias, layout", [

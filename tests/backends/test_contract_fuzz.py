@@ -1,5 +1,5 @@
 """Seeded random calls of every fused op on every backend, each compared with the reference and
-classified (tests/contract.py): shapes (batch 1-9, channels 1-70, spatial 1-40), dtypes (fp32, fp64,
+classified (tests/backends/contract.py): shapes (batch 1-9, channels 1-70, spatial 1-40), dtypes (fp32, fp64,
 bf16, fp16), layouts, train / eval, affine or not, bias or not, inf / NaN entries and invalid
 arguments. Allowed outcomes: a match (or a ReLU input within a rounding of 0 on the other side of the
 kink, "kink"), both refusing, or the backend refusing with a clear error (e.g. Triton and float64).
@@ -19,7 +19,7 @@ import torch
 
 from gan_fast import backends
 
-from .conftest import DEVICE, needs_ext
+from ..conftest import DEVICE, needs_ext
 from .contract import invalid_variants, make_case, poison, run_case
 
 SEED = int(os.environ.get("GAN_FAST_FUZZ_SEED", "20261129"))

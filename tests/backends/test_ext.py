@@ -1,10 +1,10 @@
-"""The ``ext`` backend (gan_fast.ext over the C++ extension built from csrc/) against the compositions
+"""The ``ext`` backend (gan_fast.backends.ext over the C++ extension built from csrc/) against the compositions
 of nn modules it replaces (docs/ops.md): outputs, every gradient, running statistics over several
 training steps then eval, in every memory layout; gradcheck in float64; torch.library.opcheck of
 every raw op; bf16 accuracy against an fp64 reference; torch.compile; bad inputs; the fallback when
 the extension is missing.
 
-Run on the CPU here and on CUDA where there is one (tests.ops.utils.DEVICE), except gradcheck and the
+Run on the CPU here and on CUDA where there is one (tests.backends.utils.DEVICE), except gradcheck and the
 ISA tests, which are CPU tests. Without a built extension everything but the fallback tests fails,
 naming the build log, unless GAN_FAST_NO_EXT=1 (then it is skipped).
 """
@@ -20,22 +20,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gan_fast import backends, ext, reference
+from gan_fast import backends
+from gan_fast.backends import ext, reference
 
-from .ops.utils import (DEVICE, assert_close, bn_params, check_against_fp64, check_bn_op,
+from .utils import (DEVICE, assert_close, bn_params, check_against_fp64, check_bn_op,
                         check_memory_format, grads, make_input)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS, MOMENTUM, SLOPE = 1e-5, 0.1, 0.2
-RTOL = 1e-5  # fp32, relative to each tensor's largest magnitude (tests.ops.utils.assert_close)
+RTOL = 1e-5  # fp32, relative to each tensor's largest magnitude (tests.backends.utils.assert_close)
 
 # Without a loadable extension these tests fail (with the build log's location), unless GAN_FAST_NO_EXT=1
 # (then they skip): tests/conftest.py.
-from .conftest import needs_ext  # noqa: E402
+from ..conftest import needs_ext  # noqa: E402
 
 
 # Each BN block as f(x, weight, [bias,] gamma, beta, running_mean, running_var, training), the
-# signature tests.ops.utils.check_bn_op drives.
+# signature tests.backends.utils.check_bn_op drives.
 def _bn_pair(name, **kw):
     fused, ref = getattr(ext, name), getattr(reference, name)
     bn_kw = dict(momentum=MOMENTUM, eps=EPS)
@@ -729,14 +730,14 @@ def test_bad_inputs_raise_clear_errors():
 # The fallback when the extension is missing.
 
 def test_missing_extension_says_how_to_rebuild(monkeypatch):
-    # A second copy of gan_fast/ext.py, executed while sys.modules["gan_fast._C"] is None, which makes
+    # A second copy of gan_fast/backends/ext.py, executed while sys.modules["gan_fast._C"] is None, which makes
     # its `from . import _C` raise ImportError exactly as when the extension was never built (the
-    # copy is a separate module: the loaded gan_fast.ext and its registrations stay untouched).
+    # copy is a separate module: the loaded gan_fast.backends.ext and its registrations stay untouched).
     import gan_fast
 
     monkeypatch.setitem(sys.modules, "gan_fast._C", None)
     monkeypatch.delattr(gan_fast, "_C", raising=False)  # else `from . import _C` finds the attribute
-    spec = importlib.util.spec_from_file_location("gan_fast._ext_without_C", ext.__file__)
+    spec = importlib.util.spec_from_file_location("gan_fast.backends._ext_without_C", ext.__file__)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     reason = mod.unavailable_reason()
@@ -744,7 +745,7 @@ def test_missing_extension_says_how_to_rebuild(monkeypatch):
     assert reason is not None and "gan_fast._C" in reason and "pip install --no-build-isolation -e ." in reason, reason
     with pytest.raises(backends.BackendUnavailable, match="pip install"):
         mod.bce_with_logits(torch.randn(3), torch.ones(3))
-    monkeypatch.setitem(sys.modules, "gan_fast.ext", mod)  # what gan_fast.backends imports
+    monkeypatch.setitem(sys.modules, "gan_fast.backends.ext", mod)  # what gan_fast.backends imports
     assert backends.unavailable_reason("ext") == reason
     with pytest.raises(backends.BackendUnavailable, match="pip install"):
         backends.resolve("ext", "cpu")
@@ -792,7 +793,7 @@ def test_baseline_isa_build_of_the_cpu_kernels():
     # ATen's CPU capability: ATEN_CPU_CAPABILITY=default runs the build every other test here skips.
     code = """
 import torch, torch.nn.functional as F
-import gan_fast.ext as ext
+import gan_fast.backends.ext as ext
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)):

@@ -62,7 +62,7 @@ def _how_to_fix() -> str:
 
 def _load() -> str | None:
     try:
-        from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY registrations)
+        from .. import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY registrations)
     except (ImportError, OSError) as e:
         return f"the C++/CUDA extension gan_fast._C is not built or can't be loaded ({e}); {_how_to_fix()}"
     missing = [name for name in OPS if not hasattr(torch.ops.gan_fast, name)]
@@ -81,7 +81,7 @@ def unavailable_reason() -> str | None:
 
 def _ops():
     if _LOAD_ERROR is not None:
-        from .backends import BackendUnavailable
+        from . import BackendUnavailable
 
         raise BackendUnavailable(f"backend 'ext' is unavailable: {_LOAD_ERROR}")
     return torch.ops.gan_fast
@@ -168,7 +168,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, act, slope, group):
         import torch.distributed as dist
 
-        from .distributed import merge_moments_over_ranks
+        from ..distributed import merge_moments_over_ranks
 
         dims = [0, *range(2, x.dim())]
         var, mean = torch.var_mean(x.to(_acc_dtype(x.dtype)), dim=dims, correction=0)

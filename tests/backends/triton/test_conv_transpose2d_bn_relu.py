@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gan_fast.ops import conv_transpose2d_bn_relu
-from gan_fast.reference import conv_transpose2d_bn_relu as conv_transpose2d_bn_relu_reference
+from gan_fast.backends.triton import conv_transpose2d_bn_relu
+from gan_fast.backends.reference import conv_transpose2d_bn_relu as conv_transpose2d_bn_relu_reference
 
-from .conftest import DEVICE
-from .utils import check_against_fp64, check_bn_op, make_input
+from ...conftest import DEVICE
+from ..utils import check_against_fp64, check_bn_op, make_input
 
 EPS, MOMENTUM = 1e-5, 0.1
 

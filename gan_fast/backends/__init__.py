@@ -1,9 +1,9 @@
 """The one backend registry: which implementation of the fused ops runs.
 
 - ``reference``: the plain nn modules (what every fused backend is validated against);
-- ``triton``: Triton kernels behind autograd.Function (``gan_fast.ops``), on CUDA, or on the CPU
+- ``triton``: Triton kernels behind autograd.Function (``gan_fast.backends.triton``), on CUDA, or on the CPU
   through the Triton interpreter when ``TRITON_INTERPRET=1`` (slow; for tests);
-- ``ext``: the C++/CUDA extension compiled from csrc/ (``gan_fast.ext``), on CPU and CUDA;
+- ``ext``: the C++/CUDA extension compiled from csrc/ (``gan_fast.backends.ext``), on CPU and CUDA;
 - ``auto``: the fastest available fused backend for the device, else ``reference`` with one warning.
 
 Both fused backends expose the same functional ops under the same names and signatures, so the fused
@@ -24,7 +24,7 @@ BACKENDS = ("reference", "triton", "ext")
 # CPU the Triton interpreter is a correctness tool, never a fast path.
 AUTO_ORDER = {"cuda": ("triton", "ext"), "cpu": ("ext",)}
 
-_MODULES = {"triton": "gan_fast.ops", "ext": "gan_fast.ext"}
+_MODULES = {"triton": "gan_fast.backends.triton", "ext": "gan_fast.backends.ext"}
 
 
 class BackendUnavailable(RuntimeError):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .conftest import DEVICE
+from ..conftest import DEVICE
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
 

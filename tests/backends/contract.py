@@ -1,9 +1,9 @@
 """The contract every fused backend is held to (docs/ops.md), as reusable pieces for
-tests/test_contract.py and tests/test_contract_fuzz.py.
+tests/backends/test_contract.py and tests/backends/test_contract_fuzz.py.
 
 A ``Case`` is one call of one op: its tensor arguments and keyword arguments, which arguments get
 gradients, and where the running statistics are. ``run_case`` calls the backend's op and the
-reference composition (gan_fast.reference) on identical copies, in the case's dtype and in float64,
+reference composition (gan_fast.backends.reference) on identical copies, in the case's dtype and in float64,
 and classifies the outcome:
 
 - ``match``: both returned, and the output, every gradient and the running statistics agree;
@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-import gan_fast.reference as reference
+import gan_fast.backends.reference as reference
 from gan_fast import backends
 
 CLEAR_ERRORS = (TypeError, ValueError, RuntimeError, NotImplementedError)
@@ -319,8 +319,8 @@ def invalid_variants(op, case):
 def poison(backend: str, enabled: bool) -> None:
     """Every kernel output buffer of ``backend`` starts as NaN while enabled."""
     if backend == "triton":
-        from gan_fast.ops import _common
+        from gan_fast.backends.triton import _common
         _common.POISON_OUTPUTS = enabled
     elif backend == "ext":
-        from gan_fast import ext
+        from gan_fast.backends import ext
         ext.set_poison_outputs(enabled)

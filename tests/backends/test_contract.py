@@ -1,5 +1,5 @@
 """The contract suite: every fused backend (docs/ops.md) held to the same checks against the one
-reference (gan_fast.reference), with every kernel output poisoned with NaN before it is written.
+reference (gan_fast.backends.reference), with every kernel output poisoned with NaN before it is written.
 
 Per backend and op: output, every gradient and the running statistics on awkward shapes and every
 layout, training then eval; float64 gradcheck where the backend takes float64 (Triton refuses it
@@ -7,17 +7,17 @@ clearly); inf / NaN inputs give the reference's exact non-finite pattern; zero-s
 arguments give a clear exception or the reference's behaviour; momentum=None; second-order gradients
 (R1 / gradient penalties); variance that survives a mean 1e5 times the spread; 16-bit BatchNorm
 that normalizes the very values its statistics came from. Each defect of issue #12 has its
-reproducer here. The seeded random-input sweep is tests/test_contract_fuzz.py.
+reproducer here. The seeded random-input sweep is tests/backends/test_contract_fuzz.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-import gan_fast.reference as reference
+import gan_fast.backends.reference as reference
 from gan_fast import backends
 
-from .conftest import DEVICE, needs_ext
+from ..conftest import DEVICE, needs_ext
 from .contract import BN_OPS, Case, invalid_variants, make_case, poison, run_case
 
 OPS = ("conv_transpose2d_bn_relu", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv_transpose2d_tanh",

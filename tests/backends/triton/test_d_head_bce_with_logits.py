@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gan_fast.ops import d_head_bce_with_logits
-from gan_fast.reference import d_head_bce_with_logits as d_head_bce_with_logits_reference
+from gan_fast.backends.triton import d_head_bce_with_logits
+from gan_fast.backends.reference import d_head_bce_with_logits as d_head_bce_with_logits_reference
 
-from .conftest import DEVICE
-from .utils import assert_close, check_against_fp64, make_input
+from ...conftest import DEVICE
+from ..utils import assert_close, check_against_fp64, make_input
 
 
 @pytest.mark.parametrize("n, c, size, target_kind, layout", [

@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gan_fast.ops import conv2d_bn_leaky_relu, linear_bn_leaky_relu
-from gan_fast.reference import conv2d_bn_leaky_relu as conv2d_bn_leaky_relu_reference
-from gan_fast.reference import linear_bn_leaky_relu as linear_bn_leaky_relu_reference
+from gan_fast.backends.triton import conv2d_bn_leaky_relu, linear_bn_leaky_relu
+from gan_fast.backends.reference import conv2d_bn_leaky_relu as conv2d_bn_leaky_relu_reference
+from gan_fast.backends.reference import linear_bn_leaky_relu as linear_bn_leaky_relu_reference
 
 WORLD = 2
 

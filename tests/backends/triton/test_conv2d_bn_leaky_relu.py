@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gan_fast.ops import conv2d_bn_leaky_relu
-from gan_fast.reference import conv2d_bn_leaky_relu as conv2d_bn_leaky_relu_reference
+from gan_fast.backends.triton import conv2d_bn_leaky_relu
+from gan_fast.backends.reference import conv2d_bn_leaky_relu as conv2d_bn_leaky_relu_reference
 
-from .conftest import DEVICE
-from .utils import check_against_fp64, check_bn_op, make_input
+from ...conftest import DEVICE
+from ..utils import check_against_fp64, check_bn_op, make_input
 
 EPS, MOMENTUM, SLOPE = 1e-5, 0.1, 0.2
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from gan_fast.ops import bce_with_logits
-from gan_fast.reference import bce_with_logits as bce_with_logits_reference
+from gan_fast.backends.triton import bce_with_logits
+from gan_fast.backends.reference import bce_with_logits as bce_with_logits_reference
 
-from .conftest import DEVICE
-from .utils import assert_close, check_against_fp64, make_input
+from ...conftest import DEVICE
+from ..utils import assert_close, check_against_fp64, make_input
 
 
 @pytest.mark.parametrize("shape, target_kind", [((7,), "hard"), ((3, 5), "soft"), ((1,), "soft"),

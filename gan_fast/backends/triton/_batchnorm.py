@@ -149,7 +149,7 @@ def sync_partials(partials, process_group):
     """This rank's tile partials merged to one (count, mean, M2) per channel, then merged over every
     rank of ``process_group`` (gan_fast.distributed.merge_moments_over_ranks): one row of partials
     for ``bn_finalize``."""
-    from ..distributed import merge_moments_over_ranks
+    from ...distributed import merge_moments_over_ranks
 
     cnt, pmean, pm2 = partials
     has = cnt > 0  # rows no tile wrote (autotune runs of smaller tiles) hold nothing to merge
