@@ -1013,7 +1013,7 @@ def _split(s: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import UserError
-    from .train import pick_device
+    from .config import pick_device
 
     args = build_parser().parse_args(argv)
     if args.from_json:

@@ -10,6 +10,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from .models import ARCHS, check_image_size
 
 BACKEND_CHOICES = ("reference", "triton", "ext", "auto")
@@ -241,6 +243,22 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "'gan_fast[fid]'); the real set's statistics are cached")
     g.add_argument("--fid-weights", default=None, metavar="PATH",
                    help="Inception weights file (default: torch-fidelity's in $TORCH_HOME/hub/checkpoints)")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .datasets import load_dataset
     from .sample import generator_from_checkpoint
-    from .train import pick_device
+    from .config import pick_device
 
     device = pick_device(args.device)
     netG, cfg, used_ema, step = generator_from_checkpoint(args.checkpoint, args.ema, device)

@@ -12,11 +12,11 @@ import os
 
 import torch
 
-from .config import ArgumentParser, TrainConfig, UserError, add_model_flags, given_flags, run_cli
+from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, given_flags, pick_device,
+                     run_cli)
 from .export import GENERATOR_ARGS, load_generator_file, read_generator_metadata, read_training_checkpoint
 from .images import make_grid, save_grid, save_images, to_pil
 from .models import build_models
-from .train import pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from . import export
 from . import guard
 from .backends import BackendUnavailable, ops_for, resolve
 from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags, given_flags,
-                     config_from_args, run_cli)
+                     config_from_args, pick_device, run_cli)
 from .cuda_graphs import set_capturable
 from .datasets import SKIPPED_FILES_NAME, load_dataset, to_model_input
 from .eval import build_evaluator, format_metrics
@@ -51,22 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_train_flags(p)
     return p
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 class Trainer:
