@@ -121,6 +121,42 @@ def check_slope(negative_slope) -> float:
     return slope
 
 
+# Activation codes every backend uses for the epilogue activation (a tl.constexpr in the Triton
+# kernels, an int argument of the C++ ops; csrc/common.h's enum Act mirrors these numbers).
+ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_TANH = 0, 1, 2, 3
+
+
+def _is_int(v) -> bool:
+    # bool is an int subclass, but stride=True is a bug, not a stride of 1
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints >= minimum (stride 1, padding 0), as a tuple of two.
+
+    Checked here because int(1.5) would silently turn stride=1.5 into 1, and a float reaching the C++
+    schema's int[2] fails with an unhelpful "'float' object is not iterable"."""
+    both = (value, value) if _is_int(value) else value
+    if not isinstance(both, (tuple, list, torch.Size)) or len(both) != 2 or not all(_is_int(v) for v in both):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in both):
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(both)}")
+    return both[0], both[1]
+
+
+def conv2d_output_hw(hw, kernel_hw, stride, padding, dilation=(1, 1)) -> tuple[int, int]:
+    """nn.Conv2d's output height and width (its docs' formula)."""
+    return tuple((hw[i] + 2 * padding[i] - dilation[i] * (kernel_hw[i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))
+
+
+def conv_transpose2d_output_hw(hw, kernel_hw, stride, padding, dilation=(1, 1),
+                               output_padding=(0, 0)) -> tuple[int, int]:
+    """nn.ConvTranspose2d's output height and width (its docs' formula)."""
+    return tuple((hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel_hw[i] - 1)
+                 + output_padding[i] + 1 for i in range(2))
+
+
 # ---- second-order gradients
 
 def differentiable_backward(reference, inputs, grad_outputs, needs_input_grad):
