@@ -5,7 +5,7 @@ What is kept on disk, and why it can be trusted:
 - a checkpoint is written to a temporary file in the run folder, fsynced, renamed over the previous
   one, and the folder is fsynced: a kill or a power cut at any moment leaves either the previous
   checkpoint or the new one, never a mix. A kill inside a save can leave the temporary file
-  (``.tmp-*.pt``); the next start in that folder removes it;
+  (``.tmp-*``); the next start in that folder removes it;
 - every checkpoint carries a SHA-256 of its payload (``"sha256"``: every tensor's bytes, dtype and
   shape, every other value, in order), checked on load: a file corrupted on disk or in transfer is
   refused with one line instead of training on garbage. The file stays a plain dict that
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from .config import UserError
-from .umask import new_file_mode
+from . import files
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKSUM_KEY = "sha256"
-TEMP_PATTERNS = (".tmp-*.pt", "*.tmp.png")  # what save_atomic and the loss plot write before renaming
+TEMP_PATTERNS = (files.TEMP_PREFIX + "*", "*.tmp.png")  # files.write_atomic's; the second from older versions
 
 
 def rng_state() -> dict:
@@ -108,36 +108,8 @@ def save_checkpoint(state: dict, path: str) -> None:
 
 
 def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, rename, fsync the folder: a crash or a
-    kill mid-write leaves the previous file intact, never a truncated one, and once this returns the
-    new file survives a power cut (the rename is a change to the folder, durable only once the folder
-    is synced)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        os.chmod(tmp, new_file_mode())  # mkstemp makes it 0o600: give it the umask's mode, as open() would
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
-
-
-def fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory handles (Windows): nothing to sync
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """torch.save ``obj`` to ``path`` atomically and durably (files.write_atomic)."""
+    files.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def prepare_out_dir(out: str) -> list[str]:
@@ -149,7 +121,7 @@ def prepare_out_dir(out: str) -> list[str]:
     except OSError as e:
         raise UserError(f"--out {out}: can't create the run folder: {e.strerror or e}") from None
     try:
-        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", suffix=".pt", dir=out)
+        fd, probe = tempfile.mkstemp(prefix=files.TEMP_PREFIX + "probe-", dir=out)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

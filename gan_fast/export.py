@@ -17,6 +17,7 @@ import shutil
 import torch
 
 from . import checkpoint as ckpt
+from . import files
 from .config import TrainConfig, UserError
 
 NETG_NAME = "netG.pt"
@@ -71,10 +72,7 @@ def save_generator(weights: dict, meta: dict, folder: str, name: str = NETG_NAME
     path = os.path.join(folder, name)
     ckpt.save_atomic({k: v.detach().cpu() for k, v in weights.items()}, path)
     meta_path = os.path.splitext(path)[0] + ".json"
-    tmp = _temporary(meta_path)
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, meta_path)
+    files.write_atomic(meta_path, lambda f: json.dump(meta, f, indent=2), text=True)
     return path
 
 
@@ -91,15 +89,8 @@ def after_checkpoint(trainer, path: str) -> None:
         prune_snapshots(folder, keep)
 
 
-def _temporary(path: str) -> str:
-    """A temporary name next to ``path`` that the start of a run cleans up after a kill (it matches
-    checkpoint.TEMP_PATTERNS, as save_atomic's temporary files do)."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".tmp-{name}.pt")
-
-
 def _link_or_copy(src: str, dst: str) -> None:
-    tmp = _temporary(dst)
+    tmp = files.temporary_path(dst)
     if os.path.exists(tmp):
         os.unlink(tmp)
     try:

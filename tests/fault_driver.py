@@ -15,6 +15,7 @@ import sys
 import torch
 
 from gan_fast import checkpoint as ckpt
+from gan_fast import files
 from gan_fast import train
 
 
@@ -40,9 +41,9 @@ def kill_in_save(n: int, where: str) -> None:
             if where == "write":
                 torch.save = half_save
             elif where == "rename":
-                ckpt.os.replace = lambda *a, **k: die()
+                files.os.replace = lambda *a, **k: die()
             elif where == "folder":
-                ckpt.fsync_folder = lambda folder: die()
+                files.fsync_folder = lambda folder: die()
             else:
                 raise ValueError(where)
         return real_save_checkpoint(state, path)
