@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gan_fast import bench as gb
+from gan_fast.bench.cases import SETTINGS, build_model, op_cases, step_case
+from gan_fast.bench.runners import DHeadLoss
 from gan_fast.config import TrainConfig
 from gan_fast.flops import train_step_flops
 from gan_fast.train import Trainer
@@ -19,19 +20,19 @@ def test_train_step_flops_match_the_flop_counter(arch):
     real = next(trainer.data.batches(cfg.batch_size, 0))
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(real)
-    expected = train_step_flops(trainer.netG, trainer.netD, cfg.batch_size, cfg.nz).total
+    expected = train_step_flops(trainer.netG, trainer.netD, cfg.batch_size, cfg.nz)
     assert counter.get_total_flops() == expected
 
 
-@pytest.mark.parametrize("case", gb.op_cases("tiny", 8) + gb.op_cases("digits", 4),
+@pytest.mark.parametrize("case", op_cases("tiny", 8) + op_cases("digits", 4),
                          ids=lambda c: c.id)
 def test_op_case_flops_match_the_flop_counter(case):
-    net = gb.build_model(case.model, gb.SETTINGS[case.setting])
+    net = build_model(case.model, SETTINGS[case.setting])
     run = nn.Sequential(*list(net.main)[case.layer:case.layer + case.span])
     x = torch.randn(case.in_shape, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         if case.op == "d_head_bce_with_logits":
-            gb._DHeadLoss(run[0])(x, torch.ones(case.batch)).backward()
+            DHeadLoss(run[0])(x, torch.ones(case.batch)).backward()
         else:
             y = run(x)
             y.backward(torch.randn_like(y))
@@ -42,8 +43,8 @@ def test_op_case_flops_match_the_flop_counter(case):
 def test_step_case_flops_match_the_flop_counter(setting, batch):
     # The step case's FLOPs against what a real Trainer.train_step of that setting dispatches (not
     # against train_step_flops, which step_case itself calls: that comparison could not fail).
-    s = gb.SETTINGS[setting]
-    case = gb.step_case(setting, batch)
+    s = SETTINGS[setting]
+    case = step_case(setting, batch)
     cfg = TrainConfig(arch="dcgan", image_size=s.image_size, channels=s.channels, nz=s.nz, ngf=s.ngf,
                       ndf=s.ndf, batch_size=batch, device="cpu", workers=0)
     trainer = Trainer(cfg.validate(), log=lambda *a, **k: None)

@@ -1,23 +1,11 @@
-"""Analytic FLOP counts of the GAN layers, one place for the benchmarks (``gan_fast.bench``, bench/).
+"""Analytic FLOP counts of the GAN layers, for the benchmarks (``gan_fast.bench``, bench/).
 
-Only the GEMM-like layers are counted: Conv2d, ConvTranspose2d and Linear, at 2 FLOPs per
-multiply-add (bias adds, BatchNorm, activations, the loss and Adam are a few FLOPs per element and
-are not counted; on these models they are well under 1% of the total). Per layer:
-
-- Conv2d:          MACs = N * C_out * H_out * W_out * (C_in / groups) * kH * kW
-- ConvTranspose2d: MACs = N * C_in * H_in * W_in * (C_out / groups) * kH * kW
-- Linear:          MACs = rows * in_features * out_features  (rows: every dimension but the last)
-
-Backward is two forward's worth (input gradient + weight gradient, each as many MACs as the forward),
-minus the input gradient where autograd does not compute it: the first layer of a network whose input
-does not require grad (G's first layer on the noise, D's first layer on real images and on the detached
-fake batch). ``torch.utils.flop_counter.FlopCounterMode`` counts the same FLOPs (bench/test_flops.py
-checks that), but it cannot see inside the fused ops, so the benchmarks use this count, taken on the
-reference layers, for every backend: the FLOPs are the model's, not an implementation's.
-
-Shapes come from one forward pass of a CPU copy of the model on a batch of 2 (``trace_shapes``), so the
-count holds for any model ``gan_fast.models`` builds, at any batch size. Pass the reference models:
-the count is of their layers (a fused model's layers are no longer nn.Conv2d / nn.Linear).
+Only Conv2d, ConvTranspose2d and Linear are counted, at 2 FLOPs per multiply-add (BatchNorm,
+activations, the loss and Adam are well under 1% of these models' total). Backward is twice the
+forward (input and weight gradients), less the input gradient autograd skips: the first layer of a
+network whose input does not require grad. ``torch.utils.flop_counter.FlopCounterMode`` counts the
+same (bench/test_flops.py) but cannot see inside the fused ops, so every backend is credited with this
+count of the reference layers. Shapes come from one CPU forward pass on a batch of 2 (``trace_shapes``).
 """
 from __future__ import annotations
 
@@ -58,11 +46,13 @@ def layer_forward_flops(module: nn.Module, in_shape, out_shape) -> int:
 def count_layers(model: nn.Module, input_shape) -> list[LayerCount]:
     """The GEMM layers of ``model`` in call order, with their shapes and forward FLOPs for an input of
     ``input_shape``. The model itself is not touched (a CPU copy runs the shape pass)."""
-    counts = []
-    for name, module, in_shape, out_shape in trace_shapes(model, input_shape, GEMM_LAYERS)[0]:
-        counts.append(LayerCount(name, type(module).__name__, in_shape, out_shape,
-                                 layer_forward_flops(module, in_shape, out_shape)))
-    return counts
+    return _counts(trace_shapes(model, input_shape, GEMM_LAYERS)[0])
+
+
+def _counts(trace) -> list[LayerCount]:
+    return [LayerCount(name, type(module).__name__, in_shape, out_shape,
+                       layer_forward_flops(module, in_shape, out_shape))
+            for name, module, in_shape, out_shape in trace]
 
 
 def trace_shapes(model: nn.Module, input_shape, kinds=GEMM_LAYERS, modules=None):
@@ -102,10 +92,6 @@ def trace_shapes(model: nn.Module, input_shape, kinds=GEMM_LAYERS, modules=None)
     return trace, real(tuple(out.shape))
 
 
-def forward_flops(model: nn.Module, input_shape) -> int:
-    return sum(c.forward_flops for c in count_layers(model, input_shape))
-
-
 def forward_backward_flops(counts: list[LayerCount], input_requires_grad: bool = True) -> int:
     """Forward + backward FLOPs of the layers: 3x forward, less the first layer's input gradient when
     the network's input does not require grad."""
@@ -115,27 +101,18 @@ def forward_backward_flops(counts: list[LayerCount], input_requires_grad: bool =
     return total
 
 
-@dataclass(frozen=True)
-class StepCount:
-    g_forward: int
-    d_forward: int
-    total: int
-
-
-def train_step_flops(netG: nn.Module, netD: nn.Module, batch: int, nz: int) -> StepCount:
+def train_step_flops(netG: nn.Module, netD: nn.Module, batch: int, nz: int) -> int:
     """FLOPs of one ``Trainer.train_step``: D forward + backward on the real batch and on the detached
     fake batch, G forward, D forward + backward on the fake batch (through to its input) and G's
     backward. Every pass computes D's weight gradients (the G update's land in netD's .grad and are
     cleared by the next D update)."""
     g_trace, image_shape = trace_shapes(netG, (batch, nz, 1, 1))
-    g = [LayerCount(n, type(m).__name__, i, o, layer_forward_flops(m, i, o)) for n, m, i, o in g_trace]
+    g = _counts(g_trace)
     d = count_layers(netD, image_shape)
     g_fwd = sum(c.forward_flops for c in g)
-    d_fwd = sum(c.forward_flops for c in d)
-    total = (forward_backward_flops(d, input_requires_grad=False)      # D(real)
-             + g_fwd                                                   # G(z)
-             + forward_backward_flops(d, input_requires_grad=False)    # D(G(z).detach())
-             + forward_backward_flops(d, input_requires_grad=True)     # D(G(z)) for the G update
-             + forward_backward_flops(g, input_requires_grad=False) - g_fwd)  # G's backward
-    return StepCount(g_fwd, d_fwd, total)
+    return (forward_backward_flops(d, input_requires_grad=False)      # D(real)
+            + g_fwd                                                   # G(z)
+            + forward_backward_flops(d, input_requires_grad=False)    # D(G(z).detach())
+            + forward_backward_flops(d, input_requires_grad=True)     # D(G(z)) for the G update
+            + forward_backward_flops(g, input_requires_grad=False) - g_fwd)  # G's backward
 
