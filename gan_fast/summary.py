@@ -11,34 +11,28 @@ import math
 import torch
 from torch import nn
 
+from .backends.reference import conv2d_output_hw, conv_transpose2d_output_hw, pair
 from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, config_from_args, given_flags,
                      run_cli)
 from .export import read_training_checkpoint
 from .models import build_models
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def layer_output_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The output shape of ``layer`` for an input of ``shape``, computed without running it."""
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
         n, _, h, w = shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (layer.kernel_size, layer.stride,
-                                                            layer.padding, layer.dilation))
-        return (n, layer.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-    if isinstance(layer, nn.ConvTranspose2d):
-        n, _, h, w = shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = map(_pair, (
-            layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.output_padding))
-        return (n, layer.out_channels, (h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1,
-                (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1)
+        geometry = [pair(getattr(layer, name), name, minimum)
+                    for name, minimum in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1))]
+        if isinstance(layer, nn.ConvTranspose2d):
+            out_hw = conv_transpose2d_output_hw((h, w), *geometry, pair(layer.output_padding, "output_padding", 0))
+        else:
+            out_hw = conv2d_output_hw((h, w), *geometry)
+        return (n, layer.out_channels, *out_hw)
     if isinstance(layer, nn.Upsample):
         n, c, h, w = shape
-        sh, sw = _pair(int(layer.scale_factor)) if not isinstance(layer.scale_factor, tuple) \
-            else tuple(int(s) for s in layer.scale_factor)
+        factors = layer.scale_factor if isinstance(layer.scale_factor, tuple) else (layer.scale_factor,) * 2
+        sh, sw = (int(f) for f in factors)
         return (n, c, h * sh, w * sw)
     if isinstance(layer, nn.Linear):
         return (*shape[:-1], layer.out_features)
