@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 
-from gan_fast.bench.cases import PROVIDERS, default_cases, unavailable_reason
-from gan_fast.bench.measure import metrics
+from gan_fast.bench.cases import EAGER_BEST, PROVIDERS, default_cases, unavailable_reason
+from gan_fast.bench.measure import measure_eager_best, metrics
 from gan_fast.bench.runners import build_case
 from gan_fast.bench.timing import MemoryMeter, Peaks, SyncEvery, Timing, cleanup, default_timing, warm_up
 
@@ -63,22 +63,25 @@ def bench_run(peaks):
     """``bench_run(benchmark, case, provider)``: skip with the reason where ``provider`` can't run
     ``case``; else build, warm up (untimed), and time ``TIMING.rounds`` rounds of ``steps_per_measure``
     calls with pytest-benchmark (a device synchronisation ends every round); the case's images/s,
-    TFLOP/s, % of peak, memory and compile time go to the benchmark's extra_info (--benchmark-json)."""
+    TFLOP/s, % of peak, memory and compile time go to the benchmark's extra_info (--benchmark-json).
+    eager-best first measures its variants the way ``python -m gan_fast.bench`` does, then times the
+    fastest (``variant`` in extra_info)."""
 
     def run(benchmark, case, provider):
         reason = unavailable_reason(case, provider, DEVICE)
         if reason is not None:
             pytest.skip(reason)
         benchmark.group = case.id
+        variant = measure_eager_best(case, DEVICE, TIMING)[0] if provider == EAGER_BEST else None
         meter = MemoryMeter(DEVICE)
-        runner = build_case(case, provider, DEVICE)
+        runner = build_case(case, provider, DEVICE, variant)
         try:
             w = warm_up(runner, TIMING)
             meter.reset()
             benchmark.pedantic(SyncEvery(runner, w.steps_per_measure), rounds=TIMING.rounds,
                                iterations=w.steps_per_measure, warmup_rounds=0)
             info = {"case": case.id, "provider": provider, "batch": case.batch, "dtype": case.dtype,
-                    "steps_per_measure": w.steps_per_measure, "build_s": runner.build_s,
+                    "variant": variant, "steps_per_measure": w.steps_per_measure, "build_s": runner.build_s,
                     "first_call_s": w.first_call_s,
                     "time_to_first_step_s": runner.build_s + w.first_call_s,
                     "memory_bytes": meter.peak_bytes(), "memory_kind": meter.kind}

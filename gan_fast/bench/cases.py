@@ -18,12 +18,14 @@ from torch import nn
 
 from ..flops import count_layers, forward_backward_flops, trace_shapes, train_step_flops
 
-PROVIDERS = ("reference", "reference+graphs", "compile-default", "compile-max-autotune-no-cudagraphs",
-             "compile-reduce-overhead", "triton", "ext")
+PROVIDERS = ("tutorial", "reference", "eager-best", "reference+graphs", "compile-default",
+             "compile-max-autotune-no-cudagraphs", "compile-reduce-overhead", "triton", "ext")
 COMPILE_MODES = {"compile-default": "default",
                  "compile-max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
                  "compile-reduce-overhead": "reduce-overhead"}
 EAGER = "reference"
+# step cases only: pytorch/examples' DCGAN step (fp32, NCHW), and the fastest eager variant of the case
+TUTORIAL, EAGER_BEST = "tutorial", "eager-best"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -222,6 +224,8 @@ def unavailable_reason(case: Case, provider: str, device: torch.device | str) ->
     device = torch.device(device)
     if provider not in PROVIDERS:
         return f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}"
+    if provider in (TUTORIAL, EAGER_BEST) and case.kind != "step":
+        return f"{provider} is a baseline of the whole training step"
     if provider == "reference+graphs":
         if case.kind != "step":
             return "the CUDA-graph capture of the reference (--cuda-graphs on) applies to the whole step"

@@ -14,7 +14,7 @@ from ..config import UserError, pick_device
 from .cases import PROVIDERS, default_cases, select_cases, unavailable_reason
 from .measure import add_ratios, run_one
 from .report import default_out, device_info, format_table, git_info, plot, versions, write_json
-from .timing import Peaks, default_timing, peak_key
+from .timing import ALWAYS_PEAKS, Peaks, default_timing, peak_key
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     "matmul": torch.backends.cuda.matmul.allow_tf32},
            "peaks_tflops": {}, "cases": [c.to_dict() for c in cases], "results": []}
     peaks = Peaks(device, args.quick)
-    for key in dict.fromkeys(peak_key(c, device) for c in cases):
+    for key in dict.fromkeys([*ALWAYS_PEAKS, *(peak_key(c, device) for c in cases)]):
         print(f"measuring the {key} matmul peak ...", file=sys.stderr, flush=True)
         peaks.get_peak(key)
     doc["peaks_tflops"] = peaks

@@ -6,58 +6,86 @@ import traceback
 
 import torch
 
-from .cases import COMPILE_MODES, EAGER, Case, unavailable_reason
-from .runners import build_case
-from .timing import MemoryMeter, Peaks, Timing, cleanup, peak_key, time_rounds, warm_up
+from .cases import COMPILE_MODES, EAGER, EAGER_BEST, TUTORIAL, Case, unavailable_reason
+from .runners import build_case, eager_variants
+from .timing import ALWAYS_PEAKS, MemoryMeter, Peaks, Timing, cleanup, peak_key, time_rounds, warm_up
+
+
+# The ratio columns: every provider against these baselines of its case (> 1: the provider is faster).
+BASELINES = (("tutorial", TUTORIAL), ("eager_best", EAGER_BEST), ("eager", EAGER))
 
 
 def metrics(case: Case, median_s: float, peaks: Peaks | None, device) -> dict:
-    """images/s, TFLOP/s and % of peak of a case at ``median_s`` seconds per call."""
+    """images/s, TFLOP/s and % of the matmul peaks of a case at ``median_s`` seconds per call:
+    ``pct_peak`` of the case's own precision (``peak_key``), ``pct_peak_fp32`` / ``pct_peak_bf16`` of
+    the measured fp32 and bf16 peaks."""
     tflops = case.flops / median_s / 1e12
     out = {"median_s": median_s, "images_per_s": case.batch / median_s, "tflops": tflops,
            "flops": case.flops}
     if peaks is not None:
         key = peak_key(case, device)
-        out.update(peak_key=key, pct_peak=100 * tflops / peaks.get_peak(key))
+        out.update(peak_key=key, pct_peak=100 * tflops / peaks.get_peak(key),
+                   **{f"pct_peak_{k}": 100 * tflops / peaks.get_peak(k) for k in ALWAYS_PEAKS})
     return out
 
 
-def run_one(case: Case, provider: str, device: torch.device, timing: Timing, peaks: Peaks | None,
-            verbose: bool = False) -> dict:
-    """Build, warm up and time one (case, provider); a dict of the result (status ok / skipped /
-    error, never raises for a provider's failure)."""
-    row = {"case": case.id, "kind": case.kind, "provider": provider}
-    reason = unavailable_reason(case, provider, device)
-    if reason is not None:
-        return {**row, "status": "skipped", "reason": reason}
+def measure(case: Case, provider: str, device: torch.device, timing: Timing,
+            variant: str | None = None) -> dict:
+    """Build, warm up and time one (case, provider[, eager variant]): the measured fields of a result
+    row, ``median_s`` first. Raises what the provider raises."""
     runner = None
     try:
         meter = MemoryMeter(device)
-        runner = build_case(case, provider, device)
+        runner = build_case(case, provider, device, variant)
         w = warm_up(runner, timing)
         meter.reset()
         times = time_rounds(runner, timing.rounds, w.steps_per_measure)
         median = statistics.median(times)
-        problem = runner.check()
-        row.update(status="ok", **metrics(case, median, peaks, device), times_s=times,
-                   steps_per_measure=w.steps_per_measure, rounds=timing.rounds,
-                   memory_bytes=meter.peak_bytes(), memory_kind=meter.kind, build_s=runner.build_s,
-                   first_call_s=w.first_call_s, warmup_calls_s=w.calls_s,
+        out = dict(median_s=median, times_s=times, steps_per_measure=w.steps_per_measure,
+                   rounds=timing.rounds, memory_bytes=meter.peak_bytes(), memory_kind=meter.kind,
+                   build_s=runner.build_s, first_call_s=w.first_call_s, warmup_calls_s=w.calls_s,
                    # what the warm-up cost beyond steady-state calls: compilation, autotuning,
                    # graph capture, cuDNN's algorithm search
                    compile_s=max(0.0, sum(w.calls_s) - len(w.calls_s) * median),
                    time_to_first_step_s=runner.build_s + w.first_call_s)
+        problem = runner.check()
         if problem:
-            row["warning"] = problem
-    except Exception as e:  # noqa: BLE001 - one provider's failure is a result, not the end of the run
-        if verbose:
-            traceback.print_exc()
-        row.update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
+            out["warning"] = problem
+        return out
     finally:
         if runner is not None:
             runner.close()
         del runner
         cleanup(device)
+
+
+def measure_eager_best(case: Case, device: torch.device, timing: Timing) -> tuple[str, dict[str, dict]]:
+    """Measure every eager variant of ``case`` in this run: (the fastest, {variant: measurement})."""
+    by_variant = {v: measure(case, EAGER_BEST, device, timing, v) for v in eager_variants(case)}
+    return min(by_variant, key=lambda v: by_variant[v]["median_s"]), by_variant
+
+
+def run_one(case: Case, provider: str, device: torch.device, timing: Timing, peaks: Peaks | None,
+            verbose: bool = False) -> dict:
+    """Build, warm up and time one (case, provider); a dict of the result (status ok / skipped /
+    error, never raises for a provider's failure). eager-best's row is its fastest variant's, with
+    ``variant`` and every variant's ``variants_median_s``."""
+    row = {"case": case.id, "kind": case.kind, "provider": provider}
+    reason = unavailable_reason(case, provider, device)
+    if reason is not None:
+        return {**row, "status": "skipped", "reason": reason}
+    try:
+        if provider == EAGER_BEST:
+            variant, by_variant = measure_eager_best(case, device, timing)
+            measured = by_variant[variant]
+            row.update(variant=variant, variants_median_s={v: m["median_s"] for v, m in by_variant.items()})
+        else:
+            measured = measure(case, provider, device, timing)
+        row.update(status="ok", **metrics(case, measured.pop("median_s"), peaks, device), **measured)
+    except Exception as e:  # noqa: BLE001 - one provider's failure is a result, not the end of the run
+        if verbose:
+            traceback.print_exc()
+        row.update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
     return row
 
 
@@ -68,17 +96,19 @@ def _first_line(e: BaseException) -> str:
 
 
 def add_ratios(results: list[dict]) -> None:
-    """speedup_vs_eager = eager time / provider time; speedup_vs_best_compile = fastest compile
-    mode's time / provider time (both > 1 when the provider is faster)."""
+    """speedup_vs_<baseline> = the baseline's time / the provider's time for each of ``BASELINES``
+    (tutorial, eager-best, the reference); speedup_vs_best_compile = the fastest compile mode's time /
+    the provider's time. Above 1 when the provider is faster; None where the baseline did not run."""
     by_case: dict[str, list[dict]] = {}
     for r in results:
         by_case.setdefault(r["case"], []).append(r)
     for rows in by_case.values():
         ok = {r["provider"]: r for r in rows if r.get("status") == "ok"}
-        eager = ok.get(EAGER)
         compiled = [r for p, r in ok.items() if p in COMPILE_MODES]
         best = min(compiled, key=lambda r: r["median_s"]) if compiled else None
         for r in ok.values():
-            r["speedup_vs_eager"] = eager["median_s"] / r["median_s"] if eager else None
+            for name, provider in BASELINES:
+                base = ok.get(provider)
+                r[f"speedup_vs_{name}"] = base["median_s"] / r["median_s"] if base else None
             r["speedup_vs_best_compile"] = best["median_s"] / r["median_s"] if best else None
             r["best_compile"] = best["provider"] if best else None

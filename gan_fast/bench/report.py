@@ -92,13 +92,19 @@ def write_json(doc: dict, path: str) -> None:
 
 # ---------------------------------------------------------------------------------------- table
 
-COLUMNS = (("case", "case"), ("provider", "provider"), ("ms", "ms"), ("img/s", "img/s"),
-           ("TFLOP/s", "TFLOP/s"), ("%peak", "% peak"), ("x eager", "x eager"),
-           ("x best compile", "x best compile"), ("mem MiB", "mem MiB"), ("compile s", "compile s"),
-           ("1st step s", "1st step s"))
+# After case and provider, the table's columns: (header, the result's key or a function of it, format).
+COLUMNS = (("ms", lambda r: r["median_s"] * 1e3, ".3f"), ("img/s", "images_per_s", ",.0f"),
+           ("TFLOP/s", "tflops", ".3f"), ("% peak", "pct_peak", ".1f"),
+           ("% fp32 peak", "pct_peak_fp32", ".1f"), ("% bf16 peak", "pct_peak_bf16", ".1f"),
+           ("x tutorial", "speedup_vs_tutorial", ".2f"), ("x eager-best", "speedup_vs_eager_best", ".2f"),
+           ("x eager", "speedup_vs_eager", ".2f"), ("x best compile", "speedup_vs_best_compile", ".2f"),
+           ("mem MiB", lambda r: r["memory_bytes"] / 2 ** 20 if r.get("memory_bytes") is not None else None,
+            ",.0f"),
+           ("compile s", "compile_s", ".1f"), ("1st step s", "time_to_first_step_s", ".2f"))
 
 
-def _fmt(v, spec: str) -> str:
+def _cell(r: dict, value, spec: str) -> str:
+    v = r.get(value) if isinstance(value, str) else value(r)
     return "-" if v is None else format(v, spec)
 
 
@@ -110,14 +116,10 @@ def format_table(doc: dict) -> str:
             key = (r["status"], r["provider"], r.get("reason", ""))
             notes.setdefault(key, []).append(r["case"])
             continue
-        mem = r.get("memory_bytes")
-        rows.append([r["case"], r["provider"] + (" (!)" if r.get("warning") else ""),
-                     _fmt(r["median_s"] * 1e3, ".3f"), _fmt(r["images_per_s"], ",.0f"),
-                     _fmt(r["tflops"], ".3f"), _fmt(r.get("pct_peak"), ".1f"),
-                     _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("speedup_vs_best_compile"), ".2f"),
-                     _fmt(None if mem is None else mem / 2 ** 20, ",.0f"), _fmt(r.get("compile_s"), ".1f"),
-                     _fmt(r.get("time_to_first_step_s"), ".2f")])
-    header = [h for _, h in COLUMNS]
+        provider = r["provider"] + (f" [{r['variant']}]" if r.get("variant") else "")
+        rows.append([r["case"], provider + (" (!)" if r.get("warning") else ""),
+                     *(_cell(r, value, spec) for _, value, spec in COLUMNS)])
+    header = ["case", "provider", *(h for h, _, _ in COLUMNS)]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = []
     dev, ver = doc["device"], doc["versions"]
@@ -138,9 +140,11 @@ def format_table(doc: dict) -> str:
         last_case = row[0]
         lines.append(sep.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(shown, widths))))
     lines.append("")
-    lines.append("ms: median time per call; x eager / x best compile: speedup over the reference "
-                 "(eager) and over the fastest torch.compile mode of the same case; % peak: of the "
-                 "matmul peak above in the case's precision; mem: " +
+    lines.append("ms: median time per call; % peak: of the matmul peak above in the case's precision, "
+                 "% fp32 / bf16 peak: of the fp32 / bf16 one; x tutorial / x eager-best / x eager / x "
+                 "best compile: speedup over pytorch/examples' DCGAN step, over the fastest eager variant "
+                 "[shown beside eager-best], over the reference and over the fastest torch.compile mode "
+                 "of the same case; mem: " +
                  ("torch.cuda.max_memory_allocated" if dev["type"] == "cuda" else "peak RSS growth") +
                  "; compile s: warm-up time beyond steady-state calls; 1st step s: build + first call.")
     for r in doc["results"]:

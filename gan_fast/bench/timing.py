@@ -184,6 +184,10 @@ def cleanup(device: torch.device | str) -> None:
 
 # ---------------------------------------------------------------------------------------- peak
 
+# Measured on every run whatever the cases' precisions: every row reports its % of both.
+ALWAYS_PEAKS = ("fp32", "bf16")
+
+
 def peak_key(case: Case, device: torch.device | str) -> str:
     """Which measured matmul peak a case is compared with: bf16; on CUDA tf32 where PyTorch runs
     fp32 convolutions (cudnn.allow_tf32, default on) or matmuls (cuda.matmul.allow_tf32) in TF32 and
