@@ -148,7 +148,8 @@ def test_junit_counts(tmp_path):
                    '<testcase classname="tests.b" name="t4"><error message="setup"/></testcase>'
                    '</testsuite></testsuites>')
     assert gpu_check.junit_counts(str(xml)) == {"tests": 4, "passed": 1, "failed": 1, "errors": 1, "skipped": 1,
-                                                "failed_tests": ["tests.a::t2", "tests.b::t4"]}
+                                                "failed_tests": ["tests.a::t2", "tests.b::t4"],
+                                                "skip_reasons": {"why": 1}}
 
 
 def test_final_metrics_and_the_quality_band(tmp_path):
