@@ -448,8 +448,7 @@ def format_summary(doc: dict) -> str:
     lines = [f"gan_fast.gpu_check: {environment_line(doc['environment'])}",
              f"{'stage':14s} {'status':8s} {'seconds':>8s} {'budget':>7s}  result"]
     for s in doc["stages"]:
-        budget = f"{s['budget_s']:.0f}" if s.get("budget_s") is not None else "-"
-        lines.append(f"{s['name']:14s} {s['status']:8s} {s['seconds']:8.1f} {budget:>7s}  {s['summary']}")
+        lines.append(f"{s['name']:14s} {s['status']:8s} {s['seconds']:8.1f} {s['budget_s']:7.0f}  {s['summary']}")
     bad = [s["name"] for s in doc["stages"] if s["status"] != "passed"]
     lines.append(f"all {len(doc['stages'])} stages passed" if not bad else f"NOT PASSED: {', '.join(bad)}")
     lines.append(f"results: {doc['out_dir']}/gpu_check.json, log: {doc['out_dir']}/gpu_check.log "
