@@ -125,3 +125,14 @@ def merge_moments_over_ranks(count: torch.Tensor, mean: torch.Tensor, m2: torch.
     total = n_r.sum(0)
     merged = (n_r * mean_r).sum(0) / total.clamp_min(1.0)
     return total, merged, (m2_r + n_r * (mean_r - merged) ** 2).sum(0)
+
+
+def sum_over_ranks(local: torch.Tensor, group) -> torch.Tensor:
+    """``local`` summed over every rank of ``group``, as a new tensor (``local`` stays as it is).
+
+    SyncBatchNorm's backward collective in both fused backends: the input gradient needs the
+    per-channel (sum dy, sum dy * xhat) of the whole synchronised batch, while gamma and beta keep
+    this rank's own sums, which DDP averages, as nn.SyncBatchNorm does (torch/nn/modules/_functions.py)."""
+    total = local.clone()
+    dist.all_reduce(total, group=group)
+    return total

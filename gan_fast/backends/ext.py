@@ -31,15 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .reference import check_momentum as _check_momentum
-from .reference import check_slope, differentiable_backward, loss_dtype, refuse_double_backward_of_sync_bn
+from .reference import (ACT_LEAKY_RELU, ACT_RELU, ACT_TANH, check_momentum, check_slope,
+                        conv2d_output_hw, conv_transpose2d_output_hw, differentiable_backward, loss_dtype, pair,
+                        refuse_double_backward_of_sync_bn)
 
 __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv_transpose2d_bn_relu",
            "conv_transpose2d_tanh", "d_head_bce_with_logits", "linear_bn_leaky_relu", "unavailable_reason",
            "upsample_conv2d_bn_relu"]
-
-# Activation codes of the C++ ops (csrc/common.h, enum Act).
-ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_TANH = 0, 1, 2, 3
 
 OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_backward", "bce_with_logits",
        "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "set_poison_outputs")
@@ -47,7 +45,7 @@ OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_ba
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"
 # Where setup.py writes each build's full output, compiler errors included (pip hides it; a failed
 # compile does not fail the install). This path holds for the source checkout of an editable install.
-BUILD_LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build",
+BUILD_LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "build",
                          "gan_fast_ext_build.log")
 
 
@@ -87,24 +85,6 @@ def _ops():
     return torch.ops.gan_fast
 
 
-def _is_int(v) -> bool:
-    # bool is an int subclass, but stride=True is a bug, not a stride of 1
-    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
-
-
-def _pair(v, name: str, minimum: int) -> list[int]:
-    """An int or a pair of ints >= minimum, as a list of two ints.
-
-    Validated here because int(1.5) would silently turn stride=1.5 into 1, and a float would otherwise
-    reach the op schema's int[2] and fail with an unhelpful "'float' object is not iterable"."""
-    pair = [v, v] if _is_int(v) else v
-    if not isinstance(pair, (tuple, list, torch.Size)) or len(pair) != 2 or not all(_is_int(i) for i in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if any(i < minimum for i in pair):
-        raise ValueError(f"{name} must be >= {minimum}, got {tuple(pair)}")
-    return list(pair)
-
-
 def _check_input(x, dim: int, op: str, what: str) -> None:
     # F.conv2d / F.linear accept unbatched [C, H, W] / [*, in] inputs, whose outputs the BatchNorm
     # would then read as [N, C, L] with the wrong axis as channels and silently normalize the wrong
@@ -137,7 +117,7 @@ def _as_target(target, like: Tensor) -> Tensor:
 
 def _bn_act(x: Tensor, bn_weight, bn_bias, running_mean, running_var, training: bool, momentum: float,
             eps: float, act: int, negative_slope: float = 0.0, process_group=None) -> Tensor:
-    momentum = _check_momentum(momentum)
+    momentum = check_momentum(momentum)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
@@ -188,7 +168,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        import torch.distributed as dist
+        from ..distributed import sum_over_ranks
 
         refuse_double_backward_of_sync_bn("ext")
         x, weight, bias, mean, var = ctx.saved_tensors
@@ -203,9 +183,8 @@ class _SyncBatchNormAct(torch.autograd.Function):
         if act in (ACT_RELU, ACT_LEAKY_RELU):  # the mask of the forward's output, recomputed
             pre = xhat * gamma + (bias.to(acc).view(shape) if bias is not None else 0.0)
             dyb = torch.where(pre > 0, dyb, dyb * (0.0 if act == ACT_RELU else slope))
-        sums = torch.stack([dyb.sum(dims), (dyb * xhat).sum(dims)])
-        local = sums.clone()
-        dist.all_reduce(sums, group=group)
+        local = torch.stack([dyb.sum(dims), (dyb * xhat).sum(dims)])
+        sums = sum_over_ranks(local, group)
         dx = (gamma * invstd.view(shape)) * (dyb - sums[0].view(shape) / count
                                             - xhat * sums[1].view(shape) / count)
         need = ctx.needs_input_grad
@@ -219,7 +198,7 @@ def conv_transpose2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, runnin
                              stride, padding, training, momentum, eps, process_group=None) -> Tensor:
     """ConvTranspose2d(bias=False) -> BatchNorm2d -> ReLU (the DCGAN generator blocks)."""
     _check_input(x, 4, "conv_transpose2d_bn_relu", "[N, C, H, W]")
-    y = F.conv_transpose2d(x, weight, None, _pair(stride, "stride", 1), _pair(padding, "padding", 0))
+    y = F.conv_transpose2d(x, weight, None, pair(stride, "stride", 1), pair(padding, "padding", 0))
     return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, ACT_RELU,
                    process_group=process_group)
 
@@ -229,20 +208,20 @@ def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
                          process_group=None) -> Tensor:
     """Conv2d(bias=False) -> BatchNorm2d -> LeakyReLU (the DCGAN discriminator blocks)."""
     _check_input(x, 4, "conv2d_bn_leaky_relu", "[N, C, H, W]")
-    y = F.conv2d(x, weight, None, _pair(stride, "stride", 1), _pair(padding, "padding", 0))
+    y = F.conv2d(x, weight, None, pair(stride, "stride", 1), pair(padding, "padding", 0))
     return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                    ACT_LEAKY_RELU, check_slope(negative_slope), process_group)
 
 
 def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope) -> Tensor:
     """Conv2d -> LeakyReLU (D's first layer); bias may be None."""
-    return _ops().conv_act(x, weight, bias, _pair(stride, "stride", 1), _pair(padding, "padding", 0), False,
+    return _ops().conv_act(x, weight, bias, pair(stride, "stride", 1), pair(padding, "padding", 0), False,
                            ACT_LEAKY_RELU, check_slope(negative_slope))
 
 
 def conv_transpose2d_tanh(x, weight, bias, *, stride, padding) -> Tensor:
     """ConvTranspose2d -> Tanh (G's last layer); bias may be None."""
-    return _ops().conv_act(x, weight, bias, _pair(stride, "stride", 1), _pair(padding, "padding", 0), True,
+    return _ops().conv_act(x, weight, bias, pair(stride, "stride", 1), pair(padding, "padding", 0), True,
                            ACT_TANH, 0.0)
 
 
@@ -276,13 +255,13 @@ def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running
                             padding, training, momentum, eps, process_group=None) -> Tensor:
     """Upsample(x2, nearest) -> Conv2d(bias=False, stride 1) -> BatchNorm2d -> ReLU."""
     _check_input(x, 4, "upsample_conv2d_bn_relu", "[N, C, H, W]")
-    padding = _pair(padding, "padding", 0)
+    padding = pair(padding, "padding", 0)
     # The folded form multiplies each input pixel by sums of taps, so it runs only where that changes
     # nothing: in fp32 / fp64 (a 16-bit sum of taps is rounded: in fp16 the conv output then errs
     # several times more than the reference's, flipping ReLU masks) and on finite values (inf * (w1 + w2)
     # where the reference computes inf * w1 + inf * w2, NaN for taps of opposite signs), which a CPU
     # tensor tells without a device sync. Elsewhere the direct form is the reference's own.
-    if (weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and padding == [1, 1] and x.device.type == "cpu"
+    if (weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and padding == (1, 1) and x.device.type == "cpu"
             and weight.dtype in (torch.float32, torch.float64)
             and bool(torch.isfinite(x).all()) and bool(torch.isfinite(weight).all())):
         y = F.conv_transpose2d(x, _upsample3x3_as_transposed(weight), None, 2, 1)
@@ -338,11 +317,9 @@ def _conv_format(x: Tensor) -> torch.memory_format:
 
 
 def _conv_out_shape(x: Tensor, weight: Tensor, stride, padding, transposed: bool) -> list:
-    if transposed:
-        hw = [(x.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + weight.shape[2 + i] for i in range(2)]
-        return [x.shape[0], weight.shape[1], *hw]
-    hw = [(x.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i]) // stride[i] + 1 for i in range(2)]
-    return [x.shape[0], weight.shape[0], *hw]
+    output_hw = conv_transpose2d_output_hw if transposed else conv2d_output_hw
+    channels = weight.shape[1] if transposed else weight.shape[0]
+    return [x.shape[0], channels, *output_hw(x.shape[2:], weight.shape[2:], stride, padding)]
 
 
 def _sum_to(grad: Tensor, target: Tensor) -> Tensor:

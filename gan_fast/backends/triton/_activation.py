@@ -1,8 +1,9 @@
 """Pointwise activations applied in kernel epilogues, and the backward pass of bias + activation for
 the fused ops without BatchNorm.
 
-Activation codes (a tl.constexpr, so each kernel compiles only the branch it uses):
-NONE = 0, RELU = 1, LEAKY_RELU = 2, TANH = 3.
+The activation is reference.ACT_NONE / ACT_RELU / ACT_LEAKY_RELU / ACT_TANH (0 to 3), a tl.constexpr
+so each kernel compiles only the branch it uses; the kernels spell the numbers, since a jitted function
+reads no plain Python global.
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cast_rtne, new_output_like
-
-NONE, RELU, LEAKY_RELU, TANH = 0, 1, 2, 3
+from ..reference import ACT_NONE as NONE  # noqa: F401  (the name _conv.py imports)
+from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, cast_rtne, new_output_like, rows_channels_tile, rows_grid,
+                      tile_pointers)
 
 
 @triton.jit
@@ -36,11 +37,11 @@ def tanh_fp32(v):
 @triton.jit
 def apply_activation(v, ACT: tl.constexpr, slope):
     # `v < 0` rather than `v > 0` in the selects keeps NaN flowing through, as torch.relu does.
-    if ACT == 1:
+    if ACT == 1:  # ACT_RELU
         v = tl.where(v < 0, 0.0, v)
-    elif ACT == 2:
+    elif ACT == 2:  # ACT_LEAKY_RELU
         v = tl.where(v < 0, v * slope, v)
-    elif ACT == 3:
+    elif ACT == 3:  # ACT_TANH
         v = tanh_fp32(v)
     return v
 
@@ -50,12 +51,11 @@ def activation_grad(dy, y, ACT: tl.constexpr, slope):
     """dL/d(pre-activation) from dL/dy and the activation's OUTPUT y, as torch's in-place ReLU /
     LeakyReLU backward does it (y > 0 exactly where the input was > 0 for slope >= 0), and
     tanh' = 1 - y^2."""
-    if ACT == 1:
-        # torch's threshold_backward: 0 where y <= 0, so a NaN output passes dy through
+    if ACT == 1:  # ACT_RELU: torch's threshold_backward, 0 where y <= 0, so a NaN output passes dy
         dy = tl.where(y <= 0, 0.0, dy)
-    elif ACT == 2:
+    elif ACT == 2:  # ACT_LEAKY_RELU
         dy = tl.where(y > 0, dy, dy * slope)
-    elif ACT == 3:
+    elif ACT == 3:  # ACT_TANH
         dy = dy * (1.0 - y * y)
     return dy
 
@@ -73,21 +73,13 @@ def _bias_activation_backward_kernel(
 ):
     # dz = dy * act'(y) in one pass; the bias gradient (sum of dz over N, H, W) is reduced per tile
     # and atomically added into an fp32 [C] buffer.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_ok = rows < ROWS
-    c_ok = cols < C
-    ok = r_ok[:, None] & c_ok[None, :]
-    n = rows // HW
-    hw = rows % HW
-    h = hw // W
-    w = hw % W
-    dy = tl.load(dy_ptr + (n * s_dyn + h * s_dyh + w * s_dyw)[:, None] + cols[None, :] * s_dyc,
-                 mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + (n * s_yn + h * s_yh + w * s_yw)[:, None] + cols[None, :] * s_yc,
-                mask=ok, other=0.0).to(tl.float32)
+    rows, cols, c_ok, ok = rows_channels_tile(ROWS, C, BLOCK_R, BLOCK_C)
+    dy = tl.load(tile_pointers(dy_ptr, rows, cols, HW, W, s_dyn, s_dyc, s_dyh, s_dyw), mask=ok,
+                 other=0.0).to(tl.float32)
+    y = tl.load(tile_pointers(y_ptr, rows, cols, HW, W, s_yn, s_yc, s_yh, s_yw), mask=ok,
+                other=0.0).to(tl.float32)
     dz = activation_grad(dy, y, ACT, slope)
-    tl.store(dz_ptr + (n * s_dzn + h * s_dzh + w * s_dzw)[:, None] + cols[None, :] * s_dzc,
+    tl.store(tile_pointers(dz_ptr, rows, cols, HW, W, s_dzn, s_dzc, s_dzh, s_dzw),
              cast_rtne(dz, dz_ptr.dtype.element_ty), mask=ok)
     if HAS_BIAS:
         tl.atomic_add(dbias_ptr + cols, tl.sum(tl.where(ok, dz, 0.0), axis=0), mask=c_ok)
@@ -99,9 +91,7 @@ def bias_activation_backward(dy: torch.Tensor, y: torch.Tensor, act: int, slope:
     N, C, H, W = y.shape
     dz = new_output_like(y)
     dbias = torch.zeros(C, device=y.device, dtype=torch.float32) if has_bias else dz
-    block_r, block_c = (128, 64) if INTERPRET else (64, 32)
-    grid = (triton.cdiv(N * H * W, block_r), triton.cdiv(C, block_c))
-    _bias_activation_backward_kernel[grid](
+    _bias_activation_backward_kernel[rows_grid(y)](
         dy, y, dz, dbias, N * H * W, C, H * W, W, *dy.stride(), *y.stride(), *dz.stride(), slope,
-        ACT=act, HAS_BIAS=has_bias, BLOCK_R=block_r, BLOCK_C=block_c)
+        ACT=act, HAS_BIAS=has_bias, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
     return dz, (dbias if has_bias else None)

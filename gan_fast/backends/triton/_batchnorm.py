@@ -16,13 +16,17 @@ dz = gamma * invstd * (dyb - mean(dyb) - xhat * mean(dyb * xhat)), the standard 
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import differentiable_backward, refuse_double_backward_of_sync_bn
 from ._activation import activation_grad, apply_activation
-from ._common import INTERPRET, cast_rtne, new_output, new_output_like
+from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, INTERPRET, cast_rtne, grad_of, new_output, new_output_like,
+                      rows_channels_tile, rows_grid, tile_pointers)
 
 
 @triton.jit
@@ -118,27 +122,6 @@ class BatchNormStats:
         return self.mean, self.invstd, self.scale, self.shift
 
 
-def differentiable_bn_backward(ctx, group, reference_fn, tensors, dy):
-    """The Function's gradients for a backward with create_graph=True (reference.differentiable_backward):
-    through ``reference_fn(*tensors, running_mean, running_var)``, the running statistics being the
-    eval-mode copies of ``eval_stats`` (None in training), padded with None for the non-tensor
-    arguments. Synchronised statistics can't be replayed: refused."""
-    if group is not None:
-        refuse_double_backward_of_sync_bn("triton")
-    inputs = (*tensors, *ctx.eval_stats)
-    grads = differentiable_backward(reference_fn, inputs, (dy,), ctx.needs_input_grad[:len(inputs)])
-    return (*grads, *[None] * (len(ctx.needs_input_grad) - len(inputs)))
-
-
-def eval_stats(training: bool, running_mean, running_var):
-    """What a second-order backward needs to replay an eval-mode forward: copies of the running
-    statistics it normalized with (later training steps update the originals in place). Training mode
-    replays from the batch alone."""
-    if training or running_mean is None:
-        return None, None
-    return running_mean.detach().clone(), running_var.detach().clone()
-
-
 def new_partials(tiles: int, channels: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zeroed (count, mean, M2) partials for ``tiles`` tiles of ``channels`` channels."""
     return tuple(torch.zeros((max(tiles, 1), channels), device=device, dtype=torch.float32)
@@ -189,9 +172,14 @@ def bn_finalize(partials, channels: int, count: int, bn_weight, bn_bias, running
     return BatchNormStats(*out, count, process_group)
 
 
-def _rows_grid(z, block_r, block_c):
-    N, C, H, W = z.shape
-    return (triton.cdiv(N * H * W, block_r), triton.cdiv(C, block_c))
+@triton.jit
+def _normalize_activate(z, scale_ptr, shift_ptr, cols, c_ok, slope, ACT: tl.constexpr):
+    """act(z * scale + shift) for a [rows, channels] tile: the forward's output, and the backward's
+    recomputation of it with the same arithmetic (so the activation mask matches the one torch would
+    take from the saved output)."""
+    scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)
+    return apply_activation(z * scale[None, :] + shift[None, :], ACT, slope)
 
 
 @triton.jit
@@ -203,20 +191,11 @@ def _bn_activation_forward_kernel(
     ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # y = act(z * scale + shift): BatchNorm and the activation in one read and one write of z.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    ok = (rows < ROWS)[:, None] & c_ok[None, :]
-    n = rows // HW
-    hw = rows % HW
-    h = hw // W
-    w = hw % W
-    z = tl.load(z_ptr + (n * s_zn + h * s_zh + w * s_zw)[:, None] + cols[None, :] * s_zc,
-                mask=ok, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)
-    y = apply_activation(z * scale[None, :] + shift[None, :], ACT, slope)
-    tl.store(y_ptr + (n * s_yn + h * s_yh + w * s_yw)[:, None] + cols[None, :] * s_yc,
+    rows, cols, c_ok, ok = rows_channels_tile(ROWS, C, BLOCK_R, BLOCK_C)
+    z = tl.load(tile_pointers(z_ptr, rows, cols, HW, W, s_zn, s_zc, s_zh, s_zw), mask=ok,
+                other=0.0).to(tl.float32)
+    y = _normalize_activate(z, scale_ptr, shift_ptr, cols, c_ok, slope, ACT)
+    tl.store(tile_pointers(y_ptr, rows, cols, HW, W, s_yn, s_yc, s_yh, s_yw),
              cast_rtne(y, y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -224,36 +203,25 @@ def bn_activation_forward(z: torch.Tensor, stats: BatchNormStats, act: int, slop
                           out: torch.Tensor) -> torch.Tensor:
     """out = act(BN(z)) for 4-D z (a linear layer's [N, C] is viewed as [N, C, 1, 1])."""
     N, C, H, W = z.shape
-    block_r, block_c = (128, 64) if INTERPRET else (64, 32)
-    _bn_activation_forward_kernel[_rows_grid(z, block_r, block_c)](
+    _bn_activation_forward_kernel[rows_grid(z)](
         z, out, stats.scale, stats.shift, N * H * W, C, H * W, W, *z.stride(), *out.stride(), slope,
-        ACT=act, BLOCK_R=block_r, BLOCK_C=block_c)
+        ACT=act, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
     return out
 
 
 @triton.jit
-def _load_dyb_xhat(dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok,
-                   ROWS, HW, W, s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope,
-                   ACT: tl.constexpr):
-    ok = (rows < ROWS)[:, None] & c_ok[None, :]
-    n = rows // HW
-    hw = rows % HW
-    h = hw // W
-    w = hw % W
-    dy = tl.load(dy_ptr + (n * s_dyn + h * s_dyh + w * s_dyw)[:, None] + cols[None, :] * s_dyc,
-                 mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + (n * s_zn + h * s_zh + w * s_zw)[:, None] + cols[None, :] * s_zc,
-                mask=ok, other=0.0).to(tl.float32)
+def _load_dyb_xhat(dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok, ok,
+                   HW, W, s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope, ACT: tl.constexpr):
+    """(dyb, xhat) of a [rows, channels] tile: dy through the activation's mask, and the normalized z."""
+    dy = tl.load(tile_pointers(dy_ptr, rows, cols, HW, W, s_dyn, s_dyc, s_dyh, s_dyw), mask=ok,
+                 other=0.0).to(tl.float32)
+    z = tl.load(tile_pointers(z_ptr, rows, cols, HW, W, s_zn, s_zc, s_zh, s_zw), mask=ok,
+                other=0.0).to(tl.float32)
+    y = _normalize_activate(z, scale_ptr, shift_ptr, cols, c_ok, slope, ACT)
+    dyb = tl.where(ok, activation_grad(dy, y, ACT, slope), 0.0)
     mean = tl.load(mean_ptr + cols, mask=c_ok, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=c_ok, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)
-    # the forward output recomputed with the forward's exact arithmetic, so the activation mask
-    # matches the one torch would take from the saved output
-    y = apply_activation(z * scale[None, :] + shift[None, :], ACT, slope)
-    dyb = tl.where(ok, activation_grad(dy, y, ACT, slope), 0.0)
-    xhat = (z - mean[None, :]) * invstd[None, :]
-    return dyb, xhat, ok, n, h, w
+    return dyb, (z - mean[None, :]) * invstd[None, :]
 
 
 @triton.jit
@@ -264,12 +232,9 @@ def _bn_activation_backward_reduce_kernel(
     slope,
     ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    dyb, xhat, ok, n, h, w = _load_dyb_xhat(
-        dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok, ROWS, HW, W,
-        s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope, ACT)
+    rows, cols, c_ok, ok = rows_channels_tile(ROWS, C, BLOCK_R, BLOCK_C)
+    dyb, xhat = _load_dyb_xhat(dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok,
+                               ok, HW, W, s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope, ACT)
     tl.atomic_add(sum_dy_ptr + cols, tl.sum(dyb, axis=0), mask=c_ok)
     tl.atomic_add(sum_dy_xhat_ptr + cols, tl.sum(tl.where(ok, dyb * xhat, 0.0), axis=0), mask=c_ok)
 
@@ -284,12 +249,9 @@ def _bn_activation_backward_dz_kernel(
     ACT: tl.constexpr, TRAINING: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    dyb, xhat, ok, n, h, w = _load_dyb_xhat(
-        dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok, ROWS, HW, W,
-        s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope, ACT)
+    rows, cols, c_ok, ok = rows_channels_tile(ROWS, C, BLOCK_R, BLOCK_C)
+    dyb, xhat = _load_dyb_xhat(dy_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, rows, cols, c_ok,
+                               ok, HW, W, s_dyn, s_dyc, s_dyh, s_dyw, s_zn, s_zc, s_zh, s_zw, slope, ACT)
     scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)  # gamma * invstd
     if TRAINING:
         # batch statistics depend on every sample: subtract the mean gradient and its projection
@@ -299,7 +261,7 @@ def _bn_activation_backward_dz_kernel(
         dz = (dyb - mdy[None, :] - xhat * mdyx[None, :]) * scale[None, :]
     else:
         dz = dyb * scale[None, :]
-    tl.store(dz_ptr + (n * s_dzn + h * s_dzh + w * s_dzw)[:, None] + cols[None, :] * s_dzc,
+    tl.store(tile_pointers(dz_ptr, rows, cols, HW, W, s_dzn, s_dzc, s_dzh, s_dzw),
              cast_rtne(dz, dz_ptr.dtype.element_ty), mask=ok)
     if BIAS_GRAD:
         # the gradient of a bias added before BatchNorm (Linear's): sum of dz, ~0 in training
@@ -311,30 +273,79 @@ def bn_activation_backward(dy: torch.Tensor, z: torch.Tensor, stats: BatchNormSt
     """(dz, dgamma fp32 [C], dbeta fp32 [C]) for y = act(BN(z)); 4-D tensors of any strides. With
     ``bias_grad`` a fourth item, the fp32 [C] gradient of a bias added to z's producer."""
     N, C, H, W = z.shape
-    sums = torch.zeros((2, C), device=z.device, dtype=torch.float32)
-    sum_dy, sum_dy_xhat = sums[0], sums[1]
-    block_r, block_c = (128, 64) if INTERPRET else (64, 32)
-    grid = _rows_grid(z, block_r, block_c)
+    sums = torch.zeros((2, C), device=z.device, dtype=torch.float32)  # sum(dyb), sum(dyb * xhat)
+    grid = rows_grid(z)
     common = (N * H * W, C, H * W, W, *dy.stride(), *z.stride())
     _bn_activation_backward_reduce_kernel[grid](
-        dy, z, *stats.tensors(), sum_dy, sum_dy_xhat, *common, slope,
-        ACT=act, BLOCK_R=block_r, BLOCK_C=block_c)
-    if training and stats.process_group is not None:
-        import torch.distributed as dist
+        dy, z, *stats.tensors(), sums[0], sums[1], *common, slope,
+        ACT=act, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+    total = sums
+    if stats.process_group is not None:
+        from ...distributed import sum_over_ranks
 
-        # gamma and beta get this rank's own sums (DDP averages parameter gradients across ranks, as
-        # for nn.SyncBatchNorm); the input gradient needs the sums over the whole synchronised batch
-        local = sums.clone()
-        dist.all_reduce(sums, group=stats.process_group)
-        sum_dy, sum_dy_xhat = sums[0], sums[1]
+        total = sum_over_ranks(sums, stats.process_group)
     dz = new_output_like(z)
-    dbias = torch.zeros(C, device=z.device, dtype=torch.float32) if bias_grad else sum_dy
+    dbias = torch.zeros(C, device=z.device, dtype=torch.float32) if bias_grad else total[0]
     _bn_activation_backward_dz_kernel[grid](
-        dy, z, *stats.tensors(), sum_dy, sum_dy_xhat, dz, dbias, *common, *dz.stride(), slope,
+        dy, z, *stats.tensors(), total[0], total[1], dz, dbias, *common, *dz.stride(), slope,
         1.0 / stats.count, ACT=act, TRAINING=training, BIAS_GRAD=bias_grad,
-        BLOCK_R=block_r, BLOCK_C=block_c)
-    if training and stats.process_group is not None:
-        sum_dy, sum_dy_xhat = local[0], local[1]
+        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+    # gamma and beta get this rank's own sums even when synchronised (see sum_over_ranks)
     if bias_grad:
-        return dz, sum_dy_xhat, sum_dy, dbias
-    return dz, sum_dy_xhat, sum_dy
+        return dz, sums[1], sums[0], dbias
+    return dz, sums[1], sums[0]
+
+
+# ---- the autograd.Function of the four producer (conv / linear) + BatchNorm + activation ops
+
+class BatchNormOp(NamedTuple):
+    """One producer + BatchNorm + activation op, as BatchNormFunction runs it. ``inputs`` are the op's
+    tensor arguments before the running statistics, (x, weight, [bias,] bn_weight, bn_bias); ``conf``
+    its own keyword arguments (stride, padding, negative_slope: those of its reference)."""
+    # (*inputs, running_mean, running_var, training, momentum, eps, process_group, **conf)
+    # -> (y, the producer's output z, BatchNormStats)
+    forward: Callable
+    # (dy, inputs, z, stats, training, needs_input_grad of inputs, **conf) -> a gradient per input
+    backward: Callable
+    # reference.py's composition, for second-order gradients
+    reference: Callable
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """apply(op, conf, training, momentum, eps, process_group, running_mean, running_var, *inputs).
+
+    Saved for backward: the inputs, the producer's output z and the statistics' four [C] vectors;
+    BatchNorm's xhat and the activation's mask are recomputed from z."""
+
+    @staticmethod
+    def forward(ctx, op: BatchNormOp, conf: dict, training, momentum, eps, process_group, running_mean,
+                running_var, *inputs):
+        y, z, stats = op.forward(*inputs, running_mean, running_var, training, momentum, eps, process_group,
+                                 **conf)
+        ctx.save_for_backward(*inputs, z, *stats.tensors())
+        ctx.op, ctx.conf, ctx.bn = op, conf, (training, eps, stats.count, stats.process_group)
+        # What a second-order backward needs to replay an eval-mode forward: copies of the running
+        # statistics it normalized with (later training steps update the originals in place).
+        # Training mode replays from the batch alone.
+        replay_eval = not training and running_mean is not None
+        ctx.eval_stats = (running_mean.detach().clone(), running_var.detach().clone()) if replay_eval else \
+            (None, None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        *inputs, z, mean, invstd, scale, shift = ctx.saved_tensors
+        training, eps, count, group = ctx.bn
+        leading = len(ctx.needs_input_grad) - len(inputs)  # op, conf, ..., running_var
+        needs = ctx.needs_input_grad[leading:]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            if group is not None:  # synchronised statistics can't be replayed
+                refuse_double_backward_of_sync_bn("triton")
+            replay = partial(ctx.op.reference, training=training, momentum=0.0, eps=eps, **ctx.conf)
+            grads = differentiable_backward(replay, (*inputs, *ctx.eval_stats), (dy,), (*needs, False, False))
+        else:
+            stats = BatchNormStats(mean, invstd, scale, shift, count, group)
+            grads = ctx.op.backward(dy, inputs, z, stats, training, needs, **ctx.conf)
+            # fp32 parameter gradients in their parameters' dtypes
+            grads = [grad_of(g, t) if need else None for g, t, need in zip(grads, inputs, needs)]
+        return (*[None] * leading, *grads[:len(inputs)])

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import conv2d_output_hw, conv_transpose2d_output_hw, pair
+
 # TRITON_INTERPRET=1 runs every kernel through Triton's numpy interpreter on the CPU. It is exact but
 # pays per program and per loop step, so it gets one large tile configuration and no autotuning;
 # on a GPU the small config spaces below are autotuned per shape.
@@ -43,6 +45,41 @@ def cast_rtne(v, DTYPE: tl.constexpr):
     return round_to(v, DTYPE).to(DTYPE)
 
 
+@triton.jit
+def strided_offset(i, HW, W, s_a, s_h, s_w):
+    """The offset of flat index i = (a * H + h) * W + w in a tensor whose (a, h, w) dims have strides
+    (s_a, s_h, s_w): a row (n, h, w) of an [N, C, H, W] tensor, or a feature (c, h, w) of one sample.
+    Strides, not a flat index, so NCHW, channels_last and non-contiguous tensors need no copy."""
+    hw = i % HW
+    return (i // HW) * s_a + (hw // W) * s_h + (hw % W) * s_w
+
+
+@triton.jit
+def rows_channels_tile(ROWS, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a pointwise kernel over rows (N*H*W) x channels, launched on rows_grid:
+    (rows, channels, the channels' mask, the tile's mask)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    return rows, cols, c_ok, (rows < ROWS)[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def tile_pointers(ptr, rows, cols, HW, W, s_n, s_c, s_h, s_w):
+    """Pointers to the [rows, channels] tile of an [N, C, H, W] tensor, rows being flat (n, h, w)."""
+    return ptr + strided_offset(rows, HW, W, s_n, s_h, s_w)[:, None] + cols[None, :] * s_c
+
+
+# The pointwise kernels' tiles: BLOCK_ROWS rows by BLOCK_CHANNELS channels.
+BLOCK_ROWS, BLOCK_CHANNELS = (128, 64) if INTERPRET else (64, 32)
+
+
+def rows_grid(t: torch.Tensor) -> tuple[int, int]:
+    """The launch grid of a pointwise kernel over the rows x channels of a 4-D tensor."""
+    N, C, H, W = t.shape
+    return triton.cdiv(N * H * W, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS)
+
+
 def new_output(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """An output buffer for a kernel to fill (NaN-filled under POISON_OUTPUTS)."""
     out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
@@ -73,15 +110,23 @@ def zero_args(*names: str):
     return hook
 
 
-def pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if any(v < 0 for v in value):
-        raise ValueError(f"{name} must be non-negative, got {tuple(value)}")
-    return int(value[0]), int(value[1])
+def conv_geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding, *, transposed: bool = False,
+                  upsample: int = 1):
+    """(stride, padding, (OH, OW)) of a fused op's convolution: stride and padding as reference.pair
+    parses them, the output size refused when not positive. ``upsample`` scales x's size first (the
+    nearest-x2 upsampling before a conv)."""
+    stride, padding = pair(stride, "stride", 1), pair(padding, "padding", 0)
+    hw, kernel_hw = (upsample * x.shape[2], upsample * x.shape[3]), weight.shape[2:]
+    if transposed:
+        out_hw = conv_transpose2d_output_hw(hw, kernel_hw, stride, padding)
+        if min(out_hw) <= 0:
+            raise ValueError(f"transposed conv output size {out_hw[0]}x{out_hw[1]} is not positive")
+    else:
+        out_hw = conv2d_output_hw(hw, kernel_hw, stride, padding)
+        if min(out_hw) <= 0:
+            what = "upsampled input" if upsample > 1 else "input"
+            raise ValueError(f"the kernel {tuple(kernel_hw)} is larger than the padded {what}")
+    return stride, padding, out_hw
 
 
 def check_tensor(t, name: str, dim: int | None = None, device: torch.device | None = None,

@@ -11,19 +11,19 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reference import check_slope, differentiable_backward
-from ._activation import LEAKY_RELU, bias_activation_backward
-from ._common import check_bias, check_input, check_weight, grad_of, pair
+from ..reference import ACT_LEAKY_RELU, check_slope, differentiable_backward
+from ._activation import bias_activation_backward
+from ._common import check_bias, check_input, check_weight, conv_geometry, grad_of
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
 
 
 def conv2d_leaky_relu_forward(x, weight, bias, stride, padding, slope):
-    y, _ = conv2d_forward(x, weight, bias, stride, padding, act=LEAKY_RELU, slope=slope)
+    y, _ = conv2d_forward(x, weight, bias, stride, padding, act=ACT_LEAKY_RELU, slope=slope)
     return y
 
 
 def conv2d_leaky_relu_backward(dy, x, weight, y, stride, padding, slope, needs):
-    dz, dbias = bias_activation_backward(dy, y, LEAKY_RELU, slope, has_bias=needs[2])
+    dz, dbias = bias_activation_backward(dy, y, ACT_LEAKY_RELU, slope, has_bias=needs[2])
     dx = dw = None
     if needs[0]:
         dx, _ = conv_transpose2d_forward(dz, weight, None, stride, padding, out_hw=x.shape[2:])
@@ -38,7 +38,6 @@ class Conv2dLeakyReLUFunction(torch.autograd.Function):
         y = conv2d_leaky_relu_forward(x, weight, bias, stride, padding, slope)
         ctx.save_for_backward(x, weight, bias, y)
         ctx.conf = (stride, padding, slope)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
@@ -53,8 +52,7 @@ class Conv2dLeakyReLUFunction(torch.autograd.Function):
                 None, None, None)
         dx, dw, dbias = conv2d_leaky_relu_backward(dy, x, weight, y, stride, padding, slope,
                                                    ctx.needs_input_grad[:3])
-        return dx, grad_of(dw, weight), (dbias.to(ctx.bias_dtype) if dbias is not None else None), \
-            None, None, None
+        return dx, grad_of(dw, weight), grad_of(dbias, bias), None, None, None
 
 
 def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope):
@@ -62,9 +60,5 @@ def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope):
     check_input(x, "x", 4)
     check_weight(x, weight, 1)
     check_bias(x, bias, weight.shape[0])
-    stride, padding = pair(stride, "stride"), pair(padding, "padding")
-    if min(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if min(x.shape[2] + 2 * padding[0] - weight.shape[2], x.shape[3] + 2 * padding[1] - weight.shape[3]) < 0:
-        raise ValueError(f"the kernel {tuple(weight.shape[2:])} is larger than the padded input")
+    stride, padding, _ = conv_geometry(x, weight, stride, padding)
     return Conv2dLeakyReLUFunction.apply(x, weight, bias, stride, padding, check_slope(negative_slope))

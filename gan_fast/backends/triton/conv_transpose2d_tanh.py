@@ -9,19 +9,19 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reference import differentiable_backward
-from ._activation import TANH, bias_activation_backward
-from ._common import check_bias, check_input, check_weight, grad_of, pair
+from ..reference import ACT_TANH, differentiable_backward
+from ._activation import bias_activation_backward
+from ._common import check_bias, check_input, check_weight, conv_geometry, grad_of
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
 
 
 def conv_transpose2d_tanh_forward(x, weight, bias, stride, padding):
-    y, _ = conv_transpose2d_forward(x, weight, bias, stride, padding, act=TANH)
+    y, _ = conv_transpose2d_forward(x, weight, bias, stride, padding, act=ACT_TANH)
     return y
 
 
 def conv_transpose2d_tanh_backward(dy, x, weight, y, stride, padding, needs):
-    dz, dbias = bias_activation_backward(dy, y, TANH, 0.0, has_bias=needs[2])
+    dz, dbias = bias_activation_backward(dy, y, ACT_TANH, 0.0, has_bias=needs[2])
     dx = dw = None
     if needs[0]:
         dx, _ = conv2d_forward(dz, weight, None, stride, padding)
@@ -36,7 +36,6 @@ class ConvTranspose2dTanhFunction(torch.autograd.Function):
         y = conv_transpose2d_tanh_forward(x, weight, bias, stride, padding)
         ctx.save_for_backward(x, weight, bias, y)
         ctx.conf = (stride, padding)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
@@ -50,8 +49,7 @@ class ConvTranspose2dTanhFunction(torch.autograd.Function):
                 None, None)
         dx, dw, dbias = conv_transpose2d_tanh_backward(dy, x, weight, y, stride, padding,
                                                        ctx.needs_input_grad[:3])
-        return dx, grad_of(dw, weight), (dbias.to(ctx.bias_dtype) if dbias is not None else None), \
-            None, None
+        return dx, grad_of(dw, weight), grad_of(dbias, bias), None, None
 
 
 def conv_transpose2d_tanh(x, weight, bias, *, stride, padding):
@@ -59,11 +57,5 @@ def conv_transpose2d_tanh(x, weight, bias, *, stride, padding):
     check_input(x, "x", 4)
     check_weight(x, weight, 0)
     check_bias(x, bias, weight.shape[1])
-    stride, padding = pair(stride, "stride"), pair(padding, "padding")
-    if min(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    OH = (x.shape[2] - 1) * stride[0] - 2 * padding[0] + weight.shape[2]
-    OW = (x.shape[3] - 1) * stride[1] - 2 * padding[1] + weight.shape[3]
-    if OH <= 0 or OW <= 0:
-        raise ValueError(f"transposed conv output size {OH}x{OW} is not positive")
+    stride, padding, _ = conv_geometry(x, weight, stride, padding, transposed=True)
     return ConvTranspose2dTanhFunction.apply(x, weight, bias, stride, padding)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import reference
 from ..reference import differentiable_backward, loss_dtype
-from ._common import INTERPRET, cast_rtne, check_input, check_weight, new_output_like
+from ._common import INTERPRET, cast_rtne, check_input, check_weight, new_output_like, strided_offset
 from .bce_with_logits import bce_backward, bce_forward, check_target
 
 _BLOCK_N, _BLOCK_K = (16, 256) if INTERPRET else (16, 128)
@@ -24,10 +24,7 @@ _BLOCK_N, _BLOCK_K = (16, 256) if INTERPRET else (16, 128)
 @triton.jit
 def _features(x_ptr, rows, k, HW, W, s_xn, s_xc, s_xh, s_xw):
     # pointers to x[rows, k] with the feature index k = (c, h, w) flattened in NCHW order
-    c = k // HW
-    hw = k % HW
-    ptrs = x_ptr + rows[:, None] * s_xn + (c * s_xc + (hw // W) * s_xh + (hw % W) * s_xw)[None, :]
-    return ptrs
+    return x_ptr + rows[:, None] * s_xn + strided_offset(k, HW, W, s_xc, s_xh, s_xw)[None, :]
 
 
 @triton.jit
@@ -44,9 +41,7 @@ def _d_head_logits_kernel(
     ok = r_ok[:, None] & k_ok[None, :]
     x = tl.load(_features(x_ptr, rows, k, HW, W, s_xn, s_xc, s_xh, s_xw), mask=ok,
                 other=0.0).to(tl.float32)
-    c = k // HW
-    hw = k % HW
-    w = tl.load(w_ptr + c * s_wc + (hw // W) * s_wh + (hw % W) * s_ww, mask=k_ok, other=0.0)
+    w = tl.load(w_ptr + strided_offset(k, HW, W, s_wc, s_wh, s_ww), mask=k_ok, other=0.0)
     tl.atomic_add(logit_ptr + rows, tl.sum(x * w.to(tl.float32)[None, :], axis=1), mask=r_ok)
 
 
@@ -61,10 +56,7 @@ def _d_head_backward_kernel(
     # one program per feature block walks the batch: dx rows written as it goes, dw kept in registers
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < CHW
-    c = k // HW
-    hw = k % HW
-    w = tl.load(w_ptr + c * s_wc + (hw // W) * s_wh + (hw % W) * s_ww, mask=k_ok, other=0.0)
-    w = w.to(tl.float32)
+    w = tl.load(w_ptr + strided_offset(k, HW, W, s_wc, s_wh, s_ww), mask=k_ok, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_K,), tl.float32)
     for r0 in range(0, N, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
@@ -79,7 +71,7 @@ def _d_head_backward_kernel(
                         other=0.0).to(tl.float32)
             dw += tl.sum(x * g[:, None], axis=0)
     if W_GRAD:
-        tl.store(dw_ptr + c * s_dwc + (hw // W) * s_dwh + (hw % W) * s_dww,
+        tl.store(dw_ptr + strided_offset(k, HW, W, s_dwc, s_dwh, s_dww),
                  cast_rtne(dw, dw_ptr.dtype.element_ty), mask=k_ok)
 
 

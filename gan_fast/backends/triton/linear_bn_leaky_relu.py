@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reference import check_eps, check_momentum, check_slope
-from ._activation import LEAKY_RELU
-from ._batchnorm import (BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize,
-                         differentiable_bn_backward, eval_stats)
-from ._common import check_bias, check_bn, check_input, check_weight, grad_of, new_output_like
+from ..reference import ACT_LEAKY_RELU, check_eps, check_momentum, check_slope
+from ._batchnorm import (BatchNormFunction, BatchNormOp, bn_activation_backward, bn_activation_forward,
+                         bn_finalize)
+from ._common import check_bias, check_bn, check_input, check_weight, new_output_like
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad, tf32_allowed
 
 _ONE, _ZERO = (1, 1), (0, 0)
@@ -25,21 +24,22 @@ def _as_image(t: torch.Tensor) -> torch.Tensor:
     return t[:, :, None, None]
 
 
-def linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                 training, momentum, eps, slope, process_group=None):
+def linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                                 momentum, eps, process_group, *, negative_slope):
     z4, partials = conv2d_forward(_as_image(x), _as_image(weight), bias, _ONE, _ZERO, stats=training,
                                  tf32=tf32_allowed(x, matmul=True))
     z = z4[:, :, 0, 0]
     stats = bn_finalize(partials, z.shape[1], z.shape[0], bn_weight, bn_bias, running_mean, running_var,
                         training, momentum, eps, x.device, process_group)
     y = new_output_like(z)
-    bn_activation_forward(z4, stats, LEAKY_RELU, slope, _as_image(y))
+    bn_activation_forward(z4, stats, ACT_LEAKY_RELU, negative_slope, _as_image(y))
     return y, z, stats
 
 
-def linear_bn_leaky_relu_backward(dy, x, weight, z, stats, training, slope, needs):
-    dz4, dgamma, dbeta, *dbias = bn_activation_backward(_as_image(dy), _as_image(z), stats, LEAKY_RELU,
-                                                        slope, training, bias_grad=needs[2])
+def linear_bn_leaky_relu_backward(dy, inputs, z, stats, training, needs, *, negative_slope):
+    x, weight = inputs[:2]
+    dz4, dgamma, dbeta, *dbias = bn_activation_backward(_as_image(dy), _as_image(z), stats, ACT_LEAKY_RELU,
+                                                        negative_slope, training, bias_grad=needs[2])
     dbias = dbias[0] if dbias else None
     dx = dw = None
     if needs[0]:
@@ -53,36 +53,7 @@ def linear_bn_leaky_relu_backward(dy, x, weight, z, stats, training, slope, need
     return dx, dw, dbias, dgamma, dbeta
 
 
-class LinearBatchNormLeakyReLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-                eps, slope, process_group):
-        y, z, stats = linear_bn_leaky_relu_forward(x, weight, bias, bn_weight, bn_bias, running_mean,
-                                                   running_var, training, momentum, eps, slope,
-                                                   process_group)
-        ctx.save_for_backward(x, weight, z, bias, bn_weight, bn_bias, *stats.tensors())
-        ctx.conf = (training, stats.count, slope, stats.process_group)
-        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, bn_weight, bn_bias))
-        ctx.eval_stats = eval_stats(training, running_mean, running_var)
-        ctx.eps = eps
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, z, bias, bn_weight, bn_bias, *stat_tensors = ctx.saved_tensors
-        training, count, slope, group = ctx.conf
-        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            return differentiable_bn_backward(ctx, group, lambda *t: reference.linear_bn_leaky_relu(
-                *t, training=training, momentum=0.0, eps=ctx.eps, negative_slope=slope),
-                (x, weight, bias, bn_weight, bn_bias), dy)
-        dx, dw, dbias, dgamma, dbeta = linear_bn_leaky_relu_backward(
-            dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), training, slope,
-            ctx.needs_input_grad[:3])
-        bias_dtype, gamma_dtype, beta_dtype = ctx.dtypes
-        return (dx, grad_of(dw, weight), dbias.to(bias_dtype) if dbias is not None else None,
-                dgamma.to(gamma_dtype) if ctx.needs_input_grad[3] else None,
-                dbeta.to(beta_dtype) if ctx.needs_input_grad[4] else None,
-                None, None, None, None, None, None, None)
+_OP = BatchNormOp(linear_bn_leaky_relu_forward, linear_bn_leaky_relu_backward, reference.linear_bn_leaky_relu)
 
 
 def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
@@ -92,6 +63,6 @@ def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, runn
     check_weight(x, weight, 1, dim=2)
     check_bias(x, bias, weight.shape[0])
     check_bn(x, weight.shape[0], bn_weight, bn_bias, running_mean, running_var, training, x.shape[0])
-    return LinearBatchNormLeakyReLUFunction.apply(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, bool(training),
-        float(check_momentum(momentum)), check_eps(eps), check_slope(negative_slope), process_group)
+    return BatchNormFunction.apply(_OP, dict(negative_slope=check_slope(negative_slope)), bool(training),
+                                   float(check_momentum(momentum)), check_eps(eps), process_group, running_mean,
+                                   running_var, x, weight, bias, bn_weight, bn_bias)

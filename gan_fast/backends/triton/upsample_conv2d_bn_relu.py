@@ -8,31 +8,29 @@ through the same upsampled indexing.
 """
 from __future__ import annotations
 
-import torch
-
 from .. import reference
-from ..reference import check_eps, check_momentum
-from ._activation import RELU
-from ._batchnorm import (BatchNormStats, bn_activation_backward, bn_activation_forward, bn_finalize,
-                         differentiable_bn_backward, eval_stats)
-from ._common import check_bn, check_input, check_weight, empty_like_format, grad_of, pair
+from ..reference import ACT_RELU, check_eps, check_momentum
+from ._batchnorm import (BatchNormFunction, BatchNormOp, bn_activation_backward, bn_activation_forward,
+                         bn_finalize)
+from ._common import check_bn, check_input, check_weight, conv_geometry, empty_like_format
 from ._conv import conv2d_forward, conv_transpose2d_forward, conv_weight_grad
 
 _ONE = (1, 1)
 
 
-def upsample_conv2d_bn_relu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, padding,
-                                    training, momentum, eps, process_group=None):
+def upsample_conv2d_bn_relu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
+                                    momentum, eps, process_group, *, padding):
     z, partials = conv2d_forward(x, weight, None, _ONE, padding, upsample=2, stats=training)
     N, C, OH, OW = z.shape
     stats = bn_finalize(partials, C, N * OH * OW, bn_weight, bn_bias, running_mean, running_var,
                         training, momentum, eps, x.device, process_group)
-    y = bn_activation_forward(z, stats, RELU, 0.0, empty_like_format(z, z.shape))
+    y = bn_activation_forward(z, stats, ACT_RELU, 0.0, empty_like_format(z, z.shape))
     return y, z, stats
 
 
-def upsample_conv2d_bn_relu_backward(dy, x, weight, z, stats, padding, training, needs):
-    dz, dgamma, dbeta = bn_activation_backward(dy, z, stats, RELU, 0.0, training)
+def upsample_conv2d_bn_relu_backward(dy, inputs, z, stats, training, needs, *, padding):
+    x, weight = inputs[:2]
+    dz, dgamma, dbeta = bn_activation_backward(dy, z, stats, ACT_RELU, 0.0, training)
     dx = dw = None
     if needs[0]:
         dx, _ = conv_transpose2d_forward(dz, weight, None, _ONE, padding, out_hw=x.shape[2:], upsample=2)
@@ -41,35 +39,8 @@ def upsample_conv2d_bn_relu_backward(dy, x, weight, z, stats, padding, training,
     return dx, dw, dgamma, dbeta
 
 
-class UpsampleConv2dBatchNormReLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, padding, training,
-                momentum, eps, process_group):
-        y, z, stats = upsample_conv2d_bn_relu_forward(x, weight, bn_weight, bn_bias, running_mean,
-                                                      running_var, padding, training, momentum, eps,
-                                                      process_group)
-        ctx.save_for_backward(x, weight, z, bn_weight, bn_bias, *stats.tensors())
-        ctx.conf = (padding, training, stats.count, stats.process_group)
-        ctx.affine_dtypes = tuple(t.dtype if t is not None else None for t in (bn_weight, bn_bias))
-        ctx.eval_stats = eval_stats(training, running_mean, running_var)
-        ctx.eps = eps
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, z, bn_weight, bn_bias, *stat_tensors = ctx.saved_tensors
-        padding, training, count, group = ctx.conf
-        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            return differentiable_bn_backward(ctx, group, lambda *t: reference.upsample_conv2d_bn_relu(
-                *t, padding=padding, training=training, momentum=0.0, eps=ctx.eps), (x, weight, bn_weight, bn_bias), dy)
-        dx, dw, dgamma, dbeta = upsample_conv2d_bn_relu_backward(
-            dy, x, weight, z, BatchNormStats(*stat_tensors, count, group), padding, training,
-            ctx.needs_input_grad[:2])
-        gamma_dtype, beta_dtype = ctx.affine_dtypes
-        return (dx, grad_of(dw, weight),
-                dgamma.to(gamma_dtype) if ctx.needs_input_grad[2] else None,
-                dbeta.to(beta_dtype) if ctx.needs_input_grad[3] else None,
-                None, None, None, None, None, None, None)
+_OP = BatchNormOp(upsample_conv2d_bn_relu_forward, upsample_conv2d_bn_relu_backward,
+                  reference.upsample_conv2d_bn_relu)
 
 
 def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
@@ -78,13 +49,9 @@ def upsample_conv2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running
     see docs/ops.md."""
     check_input(x, "x", 4)
     check_weight(x, weight, 1)
-    padding = pair(padding, "padding")
-    OH = 2 * x.shape[2] + 2 * padding[0] - weight.shape[2] + 1
-    OW = 2 * x.shape[3] + 2 * padding[1] - weight.shape[3] + 1
-    if OH <= 0 or OW <= 0:
-        raise ValueError(f"the kernel {tuple(weight.shape[2:])} is larger than the padded upsampled input")
+    _, padding, (OH, OW) = conv_geometry(x, weight, 1, padding, upsample=2)
     check_bn(x, weight.shape[0], bn_weight, bn_bias, running_mean, running_var, training,
              x.shape[0] * OH * OW)
-    return UpsampleConv2dBatchNormReLUFunction.apply(
-        x, weight, bn_weight, bn_bias, running_mean, running_var, padding, bool(training),
-        float(check_momentum(momentum)), check_eps(eps), process_group)
+    return BatchNormFunction.apply(_OP, dict(padding=padding), bool(training), float(check_momentum(momentum)),
+                                   check_eps(eps), process_group, running_mean, running_var, x, weight,
+                                   bn_weight, bn_bias)
