@@ -1,11 +1,22 @@
 """Comparison and input helpers for the op tests."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ..conftest import DEVICE
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
+# BatchNorm's eps and momentum and LeakyReLU's slope where a test has no reason to pick others
+EPS, MOMENTUM, SLOPE = 1e-5, 0.1, 0.2
+
+
+def gpu_accuracy_test(test):
+    """Marks a GPU accuracy test: run once per dtype the fused ops take (its ``dtype`` argument),
+    skipped without a CUDA device."""
+    test = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])(test)
+    test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test)
+    return pytest.mark.gpu(test)
 
 
 def make_input(shape, layout="contiguous", dtype=torch.float32, requires_grad=True, scale=1.0):
@@ -129,3 +140,11 @@ def check_against_fp64(fused, reference, inputs, dtype, grad_count, cast_count, 
         err_torch = error_vs_fp64(t, e)
         tiny = (torch.finfo(dtype).eps if ulp_floor else 1e-6) * e.abs().max().item()
         assert err_ours <= 2 * err_torch + tiny, (i, dtype, err_ours, err_torch)
+
+
+def check_bn_op_against_fp64(fused, reference, inputs, dtype, grad_count, cast_count):
+    """check_against_fp64 for BatchNorm ops in check_bn_op's signature, in training mode without
+    running statistics."""
+    def training(f):
+        return lambda *tensors: f(*tensors, None, None, True)
+    check_against_fp64(training(fused), training(reference), inputs, dtype, grad_count, cast_count)

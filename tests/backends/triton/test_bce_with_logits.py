@@ -5,7 +5,7 @@ from gan_fast.backends.triton import bce_with_logits
 from gan_fast.backends.reference import bce_with_logits as bce_with_logits_reference
 
 from ...conftest import DEVICE
-from ..utils import assert_close, check_against_fp64, make_input
+from ..utils import assert_close, check_against_fp64, gpu_accuracy_test, make_input
 
 
 @pytest.mark.parametrize("shape, target_kind", [((7,), "hard"), ((3, 5), "soft"), ((1,), "soft"),
@@ -49,9 +49,7 @@ def test_bad_inputs():
         bce_with_logits(logits, torch.ones(4, dtype=torch.long, device=DEVICE))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_accuracy_test
 def test_gpu_accuracy(dtype):
     inputs = [torch.randn(4096, device=DEVICE) * 4, torch.rand(4096, device=DEVICE)]
     check_against_fp64(bce_with_logits, bce_with_logits_reference, inputs, dtype, grad_count=1,

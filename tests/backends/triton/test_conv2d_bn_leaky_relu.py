@@ -5,9 +5,7 @@ from gan_fast.backends.triton import conv2d_bn_leaky_relu
 from gan_fast.backends.reference import conv2d_bn_leaky_relu as conv2d_bn_leaky_relu_reference
 
 from ...conftest import DEVICE
-from ..utils import check_against_fp64, check_bn_op, make_input
-
-EPS, MOMENTUM, SLOPE = 1e-5, 0.1, 0.2
+from ..utils import EPS, MOMENTUM, SLOPE, check_bn_op, check_bn_op_against_fp64, gpu_accuracy_test, make_input
 
 
 def _fused(stride, padding, slope=SLOPE, momentum=MOMENTUM):
@@ -71,13 +69,8 @@ def test_bad_inputs():
         conv2d_bn_leaky_relu(x, w, g, b, torch.zeros(4, device=DEVICE), None, **kw)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_accuracy_test
 def test_gpu_accuracy(dtype):
     inputs = [torch.randn(64, 128, 16, 16, device=DEVICE), torch.randn(256, 128, 4, 4, device=DEVICE) * 0.02,
               torch.rand(256, device=DEVICE) + 0.5, torch.randn(256, device=DEVICE)]
-    fused, reference = _fused(2, 1), _reference(2, 1)
-    check_against_fp64(lambda x, w, g, b: fused(x, w, g, b, None, None, True),
-                       lambda x, w, g, b: reference(x, w, g, b, None, None, True),
-                       inputs, dtype, grad_count=4, cast_count=2)
+    check_bn_op_against_fp64(_fused(2, 1), _reference(2, 1), inputs, dtype, grad_count=4, cast_count=2)

@@ -5,7 +5,7 @@ from gan_fast.backends.triton import conv2d_leaky_relu
 from gan_fast.backends.reference import conv2d_leaky_relu as conv2d_leaky_relu_reference
 
 from ...conftest import DEVICE
-from ..utils import assert_close, check_against_fp64, check_memory_format, grads, make_input
+from ..utils import assert_close, check_against_fp64, check_memory_format, gpu_accuracy_test, grads, make_input
 
 
 @pytest.mark.parametrize("n, cin, cout, size, k, stride, padding, bias, layout", [
@@ -52,9 +52,7 @@ def test_bad_inputs():
             conv2d_leaky_relu(x, w.cpu(), None, **kw)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_accuracy_test
 def test_gpu_accuracy(dtype):
     inputs = [torch.randn(64, 3, 64, 64, device=DEVICE), torch.randn(64, 3, 4, 4, device=DEVICE) * 0.02,
               torch.randn(64, device=DEVICE)]

@@ -5,9 +5,7 @@ from gan_fast.backends.triton import conv_transpose2d_bn_relu
 from gan_fast.backends.reference import conv_transpose2d_bn_relu as conv_transpose2d_bn_relu_reference
 
 from ...conftest import DEVICE
-from ..utils import check_against_fp64, check_bn_op, make_input
-
-EPS, MOMENTUM = 1e-5, 0.1
+from ..utils import EPS, MOMENTUM, check_bn_op, check_bn_op_against_fp64, gpu_accuracy_test, make_input
 
 
 def _fused(stride, padding):
@@ -62,15 +60,11 @@ def test_bad_inputs():
         conv_transpose2d_bn_relu(x, w, g, b, None, None, **{**kw, "training": False})
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_accuracy_test
 @pytest.mark.parametrize("n, cin, cout, size, stride, padding", [(64, 100, 512, 1, 1, 0),
                                                                   (64, 256, 128, 8, 2, 1)])
 def test_gpu_accuracy(dtype, n, cin, cout, size, stride, padding):
     inputs = [torch.randn(n, cin, size, size, device=DEVICE), torch.randn(cin, cout, 4, 4, device=DEVICE) * 0.02,
               torch.rand(cout, device=DEVICE) + 0.5, torch.randn(cout, device=DEVICE)]
-    fused, reference = _fused(stride, padding), _reference(stride, padding)
-    check_against_fp64(lambda x, w, g, b: fused(x, w, g, b, None, None, True),
-                       lambda x, w, g, b: reference(x, w, g, b, None, None, True),
-                       inputs, dtype, grad_count=4, cast_count=2)
+    check_bn_op_against_fp64(_fused(stride, padding), _reference(stride, padding), inputs, dtype, grad_count=4,
+                             cast_count=2)

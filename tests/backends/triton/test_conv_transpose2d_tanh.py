@@ -5,7 +5,7 @@ from gan_fast.backends.triton import conv_transpose2d_tanh
 from gan_fast.backends.reference import conv_transpose2d_tanh as conv_transpose2d_tanh_reference
 
 from ...conftest import DEVICE
-from ..utils import assert_close, check_against_fp64, check_memory_format, grads, make_input
+from ..utils import assert_close, check_against_fp64, check_memory_format, gpu_accuracy_test, grads, make_input
 
 
 @pytest.mark.parametrize("n, cin, cout, size, stride, padding, bias, layout", [
@@ -36,9 +36,7 @@ def test_bad_inputs():
         conv_transpose2d_tanh(make_input((2, 4, 1, 1)), make_input((4, 3, 2, 2)), None, stride=1, padding=2)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_accuracy_test
 def test_gpu_accuracy(dtype):
     inputs = [torch.randn(64, 64, 32, 32, device=DEVICE), torch.randn(64, 3, 4, 4, device=DEVICE) * 0.05,
               torch.randn(3, device=DEVICE)]

@@ -5,7 +5,7 @@ from gan_fast.backends.triton import d_head_bce_with_logits
 from gan_fast.backends.reference import d_head_bce_with_logits as d_head_bce_with_logits_reference
 
 from ...conftest import DEVICE
-from ..utils import assert_close, check_against_fp64, make_input
+from ..utils import assert_close, check_against_fp64, gpu_accuracy_test, make_input
 
 
 @pytest.mark.parametrize("n, c, size, target_kind, layout", [
@@ -42,9 +42,7 @@ def test_bad_inputs():
         d_head_bce_with_logits(x, make_input((1, 3, 4, 4)), torch.ones(3, device=DEVICE))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_accuracy_test
 def test_gpu_accuracy(dtype):
     inputs = [torch.randn(128, 512, 4, 4, device=DEVICE), torch.randn(1, 512, 4, 4, device=DEVICE) * 0.02,
               torch.rand(128, device=DEVICE)]

@@ -5,9 +5,7 @@ from gan_fast.backends.triton import linear_bn_leaky_relu
 from gan_fast.backends.reference import linear_bn_leaky_relu as linear_bn_leaky_relu_reference
 
 from ...conftest import DEVICE
-from ..utils import check_against_fp64, check_bn_op, make_input
-
-EPS, MOMENTUM, SLOPE = 1e-5, 0.1, 0.2
+from ..utils import EPS, MOMENTUM, SLOPE, check_bn_op, check_bn_op_against_fp64, gpu_accuracy_test, make_input
 
 
 def _fused(x, w, bias, g, b, rm, rv, training):
@@ -54,13 +52,9 @@ def test_bad_inputs():
         _fused(x, w, make_input((5,)).double(), g, b, None, None, True)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_accuracy_test
 def test_gpu_accuracy(dtype):
     inputs = [torch.randn(128, 256, device=DEVICE), torch.randn(512, 256, device=DEVICE) * 0.05,
               torch.randn(512, device=DEVICE), torch.rand(512, device=DEVICE) + 0.5,
               torch.randn(512, device=DEVICE)]
-    check_against_fp64(lambda x, w, bias, g, b: _fused(x, w, bias, g, b, None, None, True),
-                       lambda x, w, bias, g, b: _reference(x, w, bias, g, b, None, None, True),
-                       inputs, dtype, grad_count=5, cast_count=3)
+    check_bn_op_against_fp64(_fused, _reference, inputs, dtype, grad_count=5, cast_count=3)

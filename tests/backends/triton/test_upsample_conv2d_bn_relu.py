@@ -5,9 +5,7 @@ from gan_fast.backends.triton import upsample_conv2d_bn_relu
 from gan_fast.backends.reference import upsample_conv2d_bn_relu as upsample_conv2d_bn_relu_reference
 
 from ...conftest import DEVICE
-from ..utils import check_against_fp64, check_bn_op, make_input
-
-EPS, MOMENTUM = 1e-5, 0.1
+from ..utils import EPS, MOMENTUM, check_bn_op, check_bn_op_against_fp64, gpu_accuracy_test, make_input
 
 
 def _fused(padding):
@@ -40,12 +38,8 @@ def test_bad_inputs():
         _fused(1)(make_input((2, 3, 2, 2)), make_input((4, 2, 3, 3)), g, b, None, None, True)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_accuracy_test
 def test_gpu_accuracy(dtype):
     inputs = [torch.randn(64, 128, 8, 8, device=DEVICE), torch.randn(64, 128, 3, 3, device=DEVICE) * 0.02,
               torch.rand(64, device=DEVICE) + 0.5, torch.randn(64, device=DEVICE)]
-    check_against_fp64(lambda x, w, g, b: _fused(1)(x, w, g, b, None, None, True),
-                       lambda x, w, g, b: _reference(1)(x, w, g, b, None, None, True),
-                       inputs, dtype, grad_count=4, cast_count=2)
+    check_bn_op_against_fp64(_fused(1), _reference(1), inputs, dtype, grad_count=4, cast_count=2)
