@@ -1,8 +1,9 @@
 """Triton backend of the fused ops (the contract: docs/ops.md).
 
-Each op lives in its own file with its reference composition of torch ops, its launchers and its
-autograd.Function; the implicit-GEMM conv kernels and the BatchNorm / activation pieces they share
-are in _conv.py, _batchnorm.py and _activation.py.
+Each op lives in its own file with its launchers and its autograd.Function (the four BatchNorm ops
+share _batchnorm.BatchNormFunction; the reference compositions are gan_fast.backends.reference's); the
+implicit-GEMM conv kernels and the BatchNorm / activation pieces they share are in _conv.py,
+_batchnorm.py and _activation.py, the launch and argument helpers in _common.py.
 """
 from __future__ import annotations
 

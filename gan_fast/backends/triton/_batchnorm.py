@@ -13,6 +13,9 @@ Backward: one pass reduces sum(dyb) and sum(dyb * xhat) per channel (dyb = dy th
 mask, recomputed from the saved conv output z instead of saving xhat), a second writes
 dz = gamma * invstd * (dyb - mean(dyb) - xhat * mean(dyb * xhat)), the standard BatchNorm gradient
 (Ioffe & Szegedy 2015), which feeds the conv's dgrad and wgrad GEMMs.
+
+``BatchNormFunction`` is the autograd.Function of all four ops; each op file supplies its
+``BatchNormOp`` (its producer's forward and backward, and its reference composition).
 """
 from __future__ import annotations
 
