@@ -187,3 +187,14 @@ def find_resume_path(resume: str, out: str) -> str:
     if os.path.isdir(resume):
         return os.path.join(resume, CHECKPOINT_NAME)
     return resume
+
+
+def load_resume_state(resume: str, out: str) -> dict:
+    """The training state --resume continues from (``resumed_from``: its file, the last good
+    checkpoint until the resumed run writes one)."""
+    path = find_resume_path(resume, out)
+    state = load(path)
+    if not isinstance(state, dict) or "config" not in state or "step" not in state:
+        raise UserError("--resume: that file is not a gan_fast training checkpoint")
+    state["resumed_from"] = path
+    return state

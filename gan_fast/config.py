@@ -153,18 +153,45 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """Names (dest) of the flags that appear on the command line, as opposed to defaults."""
-    defaults = {action: action.default for action in parser._actions}
-    for action in defaults:
-        action.default = argparse.SUPPRESS
-    try:
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action, default in defaults.items():
-            action.default = default
+    """Names (dest) of the flags that appear on the command line, as opposed to defaults. The command
+    line is parsed again into a namespace holding a marker for every name: argparse fills in only the
+    defaults a namespace lacks, so the names still holding the marker are those not given."""
+    unset = object()
+    names = vars(parser.parse_args(argv))
+    marked = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name for name, value in vars(marked).items() if value is not unset}
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+# Flags that may change when a run is resumed; every other setting comes from the checkpoint.
+RESUMABLE_OVERRIDES = ("steps", "epochs", "out", "device", "backend", "amp", "compile", "cuda_graphs",
+                       "channels_last", "sample_every", "checkpoint_every", "log_every", "workers", "data",
+                       "ema", "eval_every", "eval_n", "fid", "fid_weights", "keep_checkpoints", "tensorboard")
+
+
+def resumed_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's (``saved``), with the RESUMABLE_OVERRIDES among
+    the ``given`` flags taken from ``cfg`` (the command line's); any other flag given with a value the
+    checkpoint's run did not have is an error."""
+    resumed = TrainConfig.from_dict(saved)
+    conflicts = [name for name in given - set(RESUMABLE_OVERRIDES) - {"resume", "fused"}
+                 if getattr(cfg, name, None) != getattr(resumed, name, None)]
+    if conflicts:
+        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(conflicts))
+        one = len(conflicts) == 1
+        raise UserError(f"--resume: {flags} {'differs' if one else 'differ'} from the checkpoint's run; "
+                        f"drop {'it' if one else 'them'} to continue it")
+    for name in RESUMABLE_OVERRIDES:
+        if name in given or (name == "backend" and "fused" in given):
+            setattr(resumed, name, getattr(cfg, name))
+    if "steps" in given:
+        resumed.epochs = None
+    if "epochs" in given:
+        resumed.steps = None
+    return resumed.validate()
+
+
+def add_model_flags(p: argparse.ArgumentParser, discriminator: bool = True) -> None:
+    """The flags that build G and D (gan_fast.models); ``discriminator=False``: G's only (sample)."""
     d = TrainConfig()
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=d.arch, help="DCGAN or the vanilla MLP GAN")
@@ -173,7 +200,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="image channels; input images are converted (grayscale or RGB)")
     g.add_argument("--nz", type=int, default=d.nz, help="latent size")
     g.add_argument("--ngf", type=int, default=d.ngf, help="generator width")
-    g.add_argument("--ndf", type=int, default=d.ndf, help="discriminator width")
+    if discriminator:
+        g.add_argument("--ndf", type=int, default=d.ndf, help="discriminator width")
     g.add_argument("--g-upsample", action="store_true",
                    help="generator upsamples (nearest) then convolves instead of ConvTranspose2d")
 

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--netG", help="a generator state_dict: a run's netG.pt (its netG.json next to it "
                                     "gives the model), or e.g. pytorch/examples' netG.pth with the "
                                     "--arch/--image-size/--channels/--nz/--ngf it was trained with")
-    add_model_flags(p)
+    add_model_flags(p, discriminator=False)  # sample builds G only
     p.add_argument("--n", type=int, default=64, help="images in the grid")
     p.add_argument("--out", default="samples.png", help="grid PNG path")
     p.add_argument("--individual", metavar="DIR",

@@ -24,20 +24,17 @@ from . import distributed
 from . import export
 from . import guard
 from .backends import BackendUnavailable, ops_for, resolve
-from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags, given_flags,
-                     config_from_args, pick_device, run_cli)
+from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags, config_from_args,
+                     given_flags, pick_device, resumed_config, run_cli)
 from .cuda_graphs import set_capturable
 from .datasets import SKIPPED_FILES_NAME, load_dataset, to_model_input
 from .eval import build_evaluator, format_metrics
 from .fuse import discriminator_loss, fuse
 from .images import save_grid
 from .models import build_models
+from .run_log import IntervalStats, MetricsLog, Progress
 from .signals import StopFlag
 
-# Flags that may change when a run is resumed; every other setting comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("steps", "epochs", "out", "device", "backend", "amp", "compile", "cuda_graphs",
-                       "channels_last", "sample_every", "checkpoint_every", "log_every", "workers", "data",
-                       "ema", "eval_every", "eval_n", "fid", "fid_weights", "keep_checkpoints", "tensorboard")
 STAT_NAMES = ("loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2")
 STAT_LABELS = ("Loss_D", "Loss_G", "D(x)", "D(G(z)) before the D step", "D(G(z)) after it")
 N_FIXED_NOISE = 64
@@ -256,10 +253,8 @@ class Trainer:
         """The one line that ends a diverged run: where, what, and the checkpoint to go back to."""
         names = guard.nonfinite_names(guard.training_tensors(self))
         found = f" (NaN/Inf in {', '.join(names)})" if names else ""
-        last = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
-                if self.last_good else "no checkpoint was written")
         return guard.Diverged(f"training diverged at step {self.step}: {what}{found}; stopped without "
-                              f"saving; {last}")
+                              f"saving; {self.last_good_text()}")
 
     @contextlib.contextmanager
     def writing(self, target: str | None = None):
@@ -268,10 +263,15 @@ class Trainer:
         try:
             yield
         except OSError as e:
-            last = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
-                    if self.last_good else "no checkpoint was written")
             where = f" {e.filename or target}" if e.filename or target else f" in {self.cfg.out}"
-            raise UserError(f"can't write{where} at step {self.step}: {e.strerror or e}; {last}") from None
+            raise UserError(f"can't write{where} at step {self.step}: {e.strerror or e}; "
+                            f"{self.last_good_text()}") from None
+
+    def last_good_text(self) -> str:
+        """Where a stopped run can go back to, for its last line."""
+        if self.last_good is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
 
     # ---------------------------------------------------------------- outputs
     @property
@@ -382,7 +382,7 @@ class Trainer:
                  f"checkpoint {path}")
         return 0
 
-    def log_interval(self, metrics: "MetricsLog | None", progress: "Progress") -> None:
+    def log_interval(self, metrics: MetricsLog | None, progress: Progress) -> None:
         """One metrics row for the steps since the last one. This is the one host sync per interval
         (and, under torchrun, one all-reduce), so the divergence check rides along: non-finite
         statistics, or NaN/Inf anywhere in the training state, stop the run here."""
@@ -428,13 +428,13 @@ class Trainer:
             first = next(self.data.batches(min(N_FIXED_NOISE, len(self.data)), 0))
             save_grid(to_model_input(first), os.path.join(cfg.out, "real.png"))
 
-    def write_step_outputs(self, metrics: "MetricsLog", progress: "Progress") -> None:
+    def write_step_outputs(self, metrics: MetricsLog, progress: Progress) -> None:
         """Evaluation, sample grids and plots due after this step (rank 0); the seconds spent
         evaluating are left out of images/s and train_s."""
         with self.writing():
             self._write_step_outputs(metrics, progress)
 
-    def _write_step_outputs(self, metrics: "MetricsLog", progress: "Progress") -> None:
+    def _write_step_outputs(self, metrics: MetricsLog, progress: Progress) -> None:
         cfg = self.cfg
         if self.is_eval_step(self.step):
             start = time.perf_counter()
@@ -451,152 +451,6 @@ class Trainer:
             metrics.plot(os.path.join(cfg.out, "loss.png"))
 
 
-class IntervalStats:
-    """The step statistics since the last metrics row, summed on the device (no host sync per step).
-    Checkpoints keep the running sum, so after a resume mid-interval (a kill, a checkpoint between log
-    steps) the next row still covers every step since the previous row."""
-
-    def __init__(self, step: int, state: dict | None = None, device: torch.device | None = None):
-        self.reset(step)
-        if state and state.get("n") and state.get("sum") is not None:
-            self.sum, self.n = state["sum"].to(device), int(state["n"])
-            self.first_step = step - self.n + 1
-
-    def reset(self, step: int) -> None:
-        self.sum, self.n, self.first_step = None, 0, step + 1
-        self.restart_clock(step)
-
-    def restart_clock(self, step: int) -> None:
-        """images/s counts the steps this process ran, from now on."""
-        self.t0, self.timed_from = time.perf_counter(), step
-
-    def exclude(self, seconds: float) -> None:
-        """Leave time spent on something else (an evaluation) out of images/s."""
-        self.t0 += seconds
-
-    def add(self, stats: torch.Tensor) -> None:
-        self.sum = stats if self.sum is None else self.sum + stats
-        self.n += 1
-
-    def mean(self) -> torch.Tensor:
-        return self.sum / self.n
-
-    def images_per_s(self, step: int, batch: int) -> float:
-        return (step - self.timed_from) * batch / max(time.perf_counter() - self.t0, 1e-9)
-
-
-class Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise (CI logs, files, notebooks' pipes)."""
-
-    def __init__(self, start: int, total: int, log, enabled: bool = True):
-        self.log, self.total, self.bar = log, total, None
-        if enabled and sys.stderr.isatty():  # one bar per job: rank 0's under torchrun
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-
-    def report(self, row: dict) -> None:
-        line = (f"[{row['step']}/{self.total}] Loss_D: {row['loss_d']:.4f} Loss_G: {row['loss_g']:.4f} "
-                f"D(x): {row['d_x']:.4f} D(G(z)): {row['d_g_z1']:.4f} / {row['d_g_z2']:.4f} "
-                f"{row['images_per_s']:.0f} img/s")
-        if self.bar is not None:
-            self.bar.set_postfix_str(line.split("] ", 1)[1], refresh=False)
-        else:
-            self.log(line)
-
-    def note(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            self.log(line)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object per log interval (the losses) and one per evaluation (the sample
-    quality: digits_fd, fid, ...; gan_fast.eval); on resume, rows past the checkpoint's step (written
-    before a crash) are dropped so the file reads as one continuous run."""
-
-    def __init__(self, path: str, resume_step: int):
-        self.path, self.rows = path, []
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    with contextlib.suppress(json.JSONDecodeError):
-                        row = json.loads(line)
-                        if row.get("step", 0) <= resume_step:
-                            self.rows.append(row)
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def plot(self, path: str) -> None:
-        if not self.rows:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [r for r in self.rows if "loss_d" in r]
-        evals = [r for r in self.rows if "digits_fd" in r or "fid" in r]
-        fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(16.5 if evals else 11, 4))
-        ax_loss, ax_d = axes[:2]
-        steps = [r["step"] for r in rows]
-        ax_loss.plot(steps, [r["loss_d"] for r in rows], label="Loss_D")
-        ax_loss.plot(steps, [r["loss_g"] for r in rows], label="Loss_G")
-        ax_loss.set_xlabel("step")
-        ax_loss.set_title("losses")
-        ax_loss.legend()
-        ax_d.plot(steps, [r["d_x"] for r in rows], label="D(x)")
-        ax_d.plot(steps, [r["d_g_z1"] for r in rows], label="D(G(z)) before D step")
-        ax_d.plot(steps, [r["d_g_z2"] for r in rows], label="D(G(z)) after D step")
-        ax_d.set_xlabel("step")
-        ax_d.set_ylim(0, 1)
-        ax_d.set_title("discriminator outputs")
-        ax_d.legend()
-        if evals:
-            self._plot_quality(axes[2], evals)
-        fig.tight_layout()
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-
-    @staticmethod
-    def _plot_quality(ax, evals: list[dict]) -> None:
-        """Distances (lower is better) on a log scale; coverage and confidence on a 0..1 twin axis."""
-        lines = []
-        for key, label in (("digits_fd", "digits FD"), ("fid", "FID")):
-            points = [(r["step"], r[key]) for r in evals if key in r]
-            if points:
-                lines += ax.plot(*zip(*points), marker="o", label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("distance (lower is better)")
-        ax.set_title("sample quality")
-        points = [r for r in evals if "digits_coverage" in r]
-        if points:
-            twin = ax.twinx()
-            for key, label, style in (("digits_coverage", "class coverage", "--"),
-                                      ("digits_confidence", "confidence", ":")):
-                lines += twin.plot([r["step"] for r in points], [r[key] for r in points], style,
-                                   color="gray" if key == "digits_coverage" else "black", label=label)
-            twin.set_ylim(0, 1.05)
-        ax.legend(lines, [line.get_label() for line in lines], loc="lower left")
-
-
 def prepare_out_dir(out: str, log=print) -> None:
     """An unwritable --out is one line before training, not a traceback at the first save; the
     temporary files of a write that a kill interrupted are removed."""
@@ -605,38 +459,13 @@ def prepare_out_dir(out: str, log=print) -> None:
         log(f"removed {len(removed)} temporary file(s) left in {out} by an interrupted write")
 
 
-def resolve_config(args: argparse.Namespace, given: set[str]) -> tuple[TrainConfig, dict | None]:
-    """The run's config and, with --resume, the checkpoint state it continues from."""
-    cfg = config_from_args(args)
-    if args.resume is None:
-        return cfg, None
-    path = ckpt.find_resume_path(args.resume, cfg.out)
-    state = ckpt.load(path)
-    if not isinstance(state, dict) or "config" not in state or "step" not in state:
-        raise UserError("--resume: that file is not a gan_fast training checkpoint")
-    state["resumed_from"] = path  # the last good checkpoint until this run writes one
-    saved = TrainConfig.from_dict(state["config"])
-    conflicts = [name for name in given - set(RESUMABLE_OVERRIDES) - {"resume", "fused"}
-                 if getattr(cfg, name, None) != getattr(saved, name, None)]
-    if conflicts:
-        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(conflicts))
-        one = len(conflicts) == 1
-        raise UserError(f"--resume: {flags} {'differs' if one else 'differ'} from the checkpoint's run; "
-                        f"drop {'it' if one else 'them'} to continue it")
-    for name in RESUMABLE_OVERRIDES:
-        if name in given or (name == "backend" and "fused" in given):
-            setattr(saved, name, getattr(cfg, name))
-    if "steps" in given:
-        saved.epochs = None
-    if "epochs" in given:
-        saved.steps = None
-    return saved.validate(), state
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg, state = resolve_config(args, given_flags(parser, argv))
+    cfg, state = config_from_args(args), None
+    if args.resume is not None:  # the checkpoint's config, with the flags a resume may change
+        state = ckpt.load_resume_state(args.resume, cfg.out)
+        cfg = resumed_config(cfg, state["config"], given_flags(parser, argv))
     try:  # under torchrun: join the process group; each rank gets its device
         dist, device = distributed.init(cfg.device)
     except ValueError as e:

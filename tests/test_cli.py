@@ -29,6 +29,8 @@ def run_dir(tmp_path_factory):
     # no abbreviations: a prefix of a longer flag was taken for it (--checkpoint for --checkpoint-every)
     ("gan_fast.train", ["--checkpoint", "runs/dcgan"], "unrecognized arguments: --checkpoint runs/dcgan"),
     ("gan_fast.sample", [], "one of the arguments --checkpoint --netG is required"),
+    # sample builds G only: D's width is not one of its flags
+    ("gan_fast.sample", ["--checkpoint", "runs/dcgan", "--ndf", "4"], "unrecognized arguments: --ndf 4"),
     ("gan_fast.summary", ["--checkpoint-every", "5"], "unrecognized arguments: --checkpoint-every 5"),
     ("gan_fast.eval", ["--n", "x", "--references"], "argument --n: invalid int value: 'x'"),
 ])
