@@ -41,14 +41,11 @@ class DigitClassifier(nn.Module):
         )
         self.head = nn.Linear(FEATURE_DIM, N_CLASSES)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer activations [N, 64]."""
-        return self.body(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate activations [N, 64]: the metric's features, logits [N, 10])."""
         h = self.body(x)
         return h, self.head(h)
 

@@ -21,7 +21,6 @@ from . import files
 from .config import TrainConfig, UserError
 
 NETG_NAME = "netG.pt"
-NETG_META_NAME = "netG.json"
 SNAPSHOT = re.compile(r"^(checkpoint|netG)_(\d+)\.(pt|json)$")
 # the TrainConfig fields that shape the generator (ndf shapes only D)
 GENERATOR_ARGS = ("arch", "nz", "ngf", "channels", "image_size", "g_upsample")

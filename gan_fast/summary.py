@@ -130,9 +130,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)
