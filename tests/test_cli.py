@@ -6,6 +6,7 @@ import pytest
 
 from gan_fast import eval as eval_cli
 from gan_fast import sample, summary
+from gan_fast.config import given_flags
 from gan_fast.train import build_parser as train_parser
 from gan_fast.train import main as train_main
 
@@ -97,3 +98,11 @@ def test_resume_conflict_grammar(run_dir):
                    "--out", run_dir)
     assert r.returncode == 2
     assert "--resume: --image-size, --nz differ from the checkpoint's run; drop them to continue it" in r.stderr
+
+
+def test_given_flags_counts_a_flag_given_with_its_default_value():
+    parser = train_parser()
+    # --lr at its default value still counts: on --resume it is checked against the checkpoint's run
+    assert given_flags(parser, ["--lr", "0.0002", "--resume", "--fused"]) == {"lr", "resume", "fused"}
+    assert given_flags(parser, []) == set()
+    assert parser.parse_args([]).lr == 2e-4  # the parser is left as it was
