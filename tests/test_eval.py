@@ -1,27 +1,22 @@
 import json
-import math
 import os
 import re
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from gan_fast import eval as ev
-from gan_fast.classifier import WEIGHTS_NAME, digits_split, load_digit_classifier
 from gan_fast.config import UserError
-from gan_fast.datasets import load_dataset, load_digits, to_model_input
 from gan_fast.ema import EMA
 from gan_fast.models import Generator
-from gan_fast.train import MetricsLog
 from gan_fast.sample import main as sample_main
 from gan_fast.train import main as train_main
 
 from .conftest import TINY, needs_ext, run_module
+from .metrics.test_fid import fake_torch_fidelity, image_folder
 
 
 def _rows(out):
@@ -29,222 +24,9 @@ def _rows(out):
         return [json.loads(line) for line in f]
 
 
-# ------------------------------------------------------------------------------------- the math
-
-def test_frechet_distance_of_a_set_with_itself_is_zero():
-    f = np.random.RandomState(0).randn(500, 16) * 3 + 1
-    assert ev.frechet_distance_features(f, f) < 1e-8
-    # fewer samples than dimensions: a singular covariance, still finite and ~0
-    g = np.random.RandomState(1).randn(10, 64)
-    assert ev.frechet_distance_features(g, g) < 1e-6
-
-
-def test_frechet_distance_matches_the_closed_form_for_gaussians():
-    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
-    a, b = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 0.25])
-    # commuting (diagonal) covariances: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
-    # 1-d: (m1 - m2)^2 + (s1 - s2)^2
-    assert ev.frechet_distance([0.5], [[4.0]], [2.0], [[9.0]]) == pytest.approx(1.5 ** 2 + 1.0, rel=1e-12)
-    # non-commuting covariances, in closed form without any matrix square root: for 2x2 matrices whose
-    # product has eigenvalues l1, l2 >= 0, tr((S1 S2)^1/2) = sqrt(l1) + sqrt(l2)
-    # = sqrt(tr(S1 S2) + 2 sqrt(det(S1) det(S2)))
-    s1, s2 = np.array([[2.0, 0.9], [0.9, 1.0]]), np.array([[1.0, -0.6], [-0.6, 3.0]])
-    tr_root = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
-    m1, m2 = np.array([0.5, -1.0]), np.array([0.0, 2.0])
-    general = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_root
-    assert ev.frechet_distance(m1, s1, m2, s2) == pytest.approx(general, rel=1e-10)
-    # and from samples of the two Gaussians, the estimate converges to the closed form
-    rng = np.random.RandomState(2)
-    fa = rng.randn(40000, 3) * np.sqrt(a) + mu1
-    fb = rng.randn(40000, 3) * np.sqrt(b) + mu2
-    assert ev.frechet_distance_features(fa, fb) == pytest.approx(expected, rel=0.03)
-
-
-def test_frechet_distance_matches_scipy_sqrtm():
-    # A separate test, so that a missing scipy skips only this comparison, not the closed forms above.
-    linalg = pytest.importorskip("scipy.linalg")
-    mu1, mu2 = np.array([0.0, 1.0, -2.0, 0.0, 0.0]), np.array([1.0, 1.0, 0.5, 0.0, 0.0])
-    rng = np.random.RandomState(2)
-    x, y = rng.randn(5, 5), rng.randn(5, 5)
-    s1, s2 = x @ x.T + 0.1 * np.eye(5), y @ y.T + 0.1 * np.eye(5)
-    r1 = linalg.sqrtm(s1)
-    general = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(r1 @ s2 @ r1)).real
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(general, rel=1e-8)
-
-
-def test_running_stats_match_the_batch_formula():
-    f = np.random.RandomState(3).randn(300, 7)
-    rs = ev.RunningStats()
-    for chunk in np.array_split(f, 7):
-        rs.add(chunk)
-    mu, sigma = rs.result()
-    mu2, sigma2 = ev.feature_stats(f)
-    np.testing.assert_allclose(mu, mu2, atol=1e-12)
-    np.testing.assert_allclose(sigma, sigma2, atol=1e-12)
-
-
-def test_kid_is_zero_for_identical_sets_and_positive_for_shifted_ones():
-    rng = np.random.RandomState(4)
-    x = rng.randn(600, 32)
-    same, same_std = ev.kernel_inception_distance(x, x, subsets=50, subset_size=300)
-    other, _ = ev.kernel_inception_distance(x, rng.randn(600, 32), subsets=50, subset_size=300)
-    shifted, shifted_std = ev.kernel_inception_distance(x, x + 0.5, subsets=50, subset_size=300)
-    # unbiased: ~0 for two samples of one distribution
-    assert abs(other) < 0.01 and shifted > 5 * shifted_std and shifted > 50 * abs(other)
-    # a set against itself: ~0 too, up to an O(1/m) negative term (subsets drawn from both sides share
-    # points, whose large k(x, x) enter the cross term)
-    assert -0.05 * shifted < same <= 0
-    # the unbiased estimator by its definition, on one subset of the full sets
-    k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
-    a, b = x[:50], x[50:100] + 0.5
-    m = 50
-    by_hand = ((k(a, a).sum() - np.trace(k(a, a))) / (m * (m - 1))
-               + (k(b, b).sum() - np.trace(k(b, b))) / (m * (m - 1)) - 2 * k(a, b).mean())
-    assert ev.kernel_inception_distance(a, b, subsets=3, subset_size=50)[0] == pytest.approx(by_hand)
-
-
-def test_class_coverage():
-    eye = np.eye(10)
-    assert ev.class_coverage(np.tile(eye, (5, 1))) == pytest.approx(1.0)
-    assert ev.class_coverage(np.tile(eye[3], (50, 1))) == 0.0
-    two = np.concatenate([np.tile(eye[0], (5, 1)), np.tile(eye[1], (5, 1))])
-    assert ev.class_coverage(two) == pytest.approx(math.log(2) / math.log(10))
-
-
-# --------------------------------------------------------------------------- the digits metric
-
-def test_shipped_classifier_is_small_and_accurate():
-    path = os.path.join(os.path.dirname(ev.__file__), "assets", WEIGHTS_NAME)
-    assert os.path.getsize(path) < 200 * 1024
-    train_idx, heldout_idx = digits_split()
-    assert len(heldout_idx) == 359 and len(train_idx) == 1438
-    assert not set(train_idx) & set(heldout_idx)
-    np.testing.assert_array_equal(digits_split()[1], heldout_idx)  # fixed, not drawn per call
-    model = load_digit_classifier()
-    images, labels = load_digits(32, 1)
-    x, y = to_model_input(images[heldout_idx]), labels[heldout_idx]
-    with torch.no_grad():
-        accuracy = (model(x).argmax(1) == y).float().mean().item()
-    assert accuracy >= 0.98
-    assert accuracy == pytest.approx(model.heldout_accuracy, abs=1e-6)  # what the README records
-
-
-@pytest.fixture(scope="module")
-def digits_metric():
-    return ev.DigitsMetric()
-
-
-def test_reference_values_match_the_published_ones(digits_metric):
-    values = ev.reference_values(1000)
-    floor, noise, untrained = values.values()
-    # docs/quality.md and gan_fast/assets/README.md publish these (python -m gan_fast.eval --references)
-    assert floor["digits_fd"] == pytest.approx(19.22, abs=0.05)
-    assert noise["digits_fd"] == pytest.approx(2232.0, rel=0.001)
-    assert untrained["digits_fd"] == pytest.approx(3721.9, rel=0.001)
-    assert floor["digits_coverage"] > 0.99 and floor["digits_confidence"] > 0.98
-    assert untrained["digits_coverage"] < 0.05
-
-
-def test_digits_metric_takes_any_size_and_channels(digits_metric):
-    images, _ = load_digits(16, 3)
-    x = to_model_input(images[torch.from_numpy(digits_split()[1])])
-    m = digits_metric([x[:200], x[200:]])
-    # the held-out digits themselves, through a 16px 3-channel round trip: close to the real set
-    assert m["digits_fd"] < 40 and m["digits_coverage"] > 0.95
-    assert sum(m["digits_histogram"]) == pytest.approx(1.0, abs=1e-3)
-
-
-# ------------------------------------------------------------------------ FID plumbing, offline
-
-class TinyExtractor:
-    """A small randomly initialised CNN standing in for Inception."""
-
-    name = "tiny-random"
-
-    def __init__(self):
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                                 nn.Flatten())
-        self.calls = 0
-
-    @torch.no_grad()
-    def __call__(self, x):
-        self.calls += 1
-        return self.net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
-
-
-def _image_folder(path, n=40, seed=0):
-    path.mkdir()
-    rng = np.random.RandomState(seed)
-    for i in range(n):
-        Image.fromarray(rng.randint(0, 256, (20, 24, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
-    return str(path)
-
-
-def test_reference_stats_are_cached_and_reused(tmp_path):
-    data = _image_folder(tmp_path / "imgs")
-    cache = str(tmp_path / "cache")
-    ds = load_dataset(data, 16, 3, torch.device("cpu"), 0, workers=0, log=lambda *a: None)
-    ext = TinyExtractor()
-    quiet = lambda *a: None  # noqa: E731
-    first = ev.cached_reference_stats(ext, data, 16, 3, ds, batch_size=16, cache_dir=cache, log=quiet)
-    assert ext.calls == 3 and len(os.listdir(cache)) == 1 and first.n == 40
-    again = ev.cached_reference_stats(ext, data, 16, 3, ds, cache_dir=cache, log=quiet)
-    assert ext.calls == 3  # read from the .npz, not recomputed
-    np.testing.assert_array_equal(first.sigma, again.sigma)
-    # the statistics are those of all the images
-    feats = ev.extract(ext, [to_model_input(ds.images)])
-    np.testing.assert_allclose(first.mu, feats.mean(0), rtol=1e-5, atol=1e-6)
-    # another resolution is another entry
-    ds32 = load_dataset(data, 32, 3, torch.device("cpu"), 0, workers=0, log=quiet)
-    ev.cached_reference_stats(ext, data, 32, 3, ds32, cache_dir=cache, log=quiet)
-    assert len(os.listdir(cache)) == 2
-    # FID of the real set against itself ~0; of a generator far from it, large
-    metric = ev.FIDMetric(ext, first)
-    assert metric([to_model_input(ds.images)])["fid"] < 1e-6
-    torch.manual_seed(0)
-    g = ev.Evaluator([metric], n=64)(Generator(nz=8, ngf=4, nc=3, image_size=16), 8)
-    assert g["fid"] > 0.01 and set(g) == {"fid", "kid", "kid_std"}
-
-
-def _fake_torch_fidelity():
-    """What gan_fast uses of torch-fidelity, with a small random network in Inception's place."""
-
-    class FakeInception(nn.Module):
-        def __init__(self, name, features_list, feature_extractor_weights_path=None):
-            super().__init__()
-            assert features_list == ["2048"]
-            torch.load(feature_extractor_weights_path, weights_only=True)  # the path gan_fast found
-            self.net = TinyExtractor().net
-
-        def forward(self, x):
-            assert x.dtype == torch.uint8 and x.shape[1] == 3
-            return (self.net(x.float() / 127.5 - 1),)
-
-    return types.SimpleNamespace(FeatureExtractorInceptionV3=FakeInception)
-
-
-def test_missing_torch_fidelity_or_weights_say_so(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as when not installed
-    with pytest.raises(ev.FIDUnavailable, match=r"torch-fidelity is not installed \(pip install"):
-        ev.inception_extractor()
-    monkeypatch.setitem(sys.modules, "torch_fidelity", _fake_torch_fidelity())
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(ev.FIDUnavailable, match="TORCH_HOME.*--fid-weights"):
-        ev.inception_extractor()
-    with pytest.raises(ev.FIDUnavailable, match="no such file"):
-        ev.inception_extractor(str(tmp_path / "nope.pth"))
-    # on disk where torch-fidelity would have downloaded it: found offline
-    hub = tmp_path / "torch" / "hub" / "checkpoints"
-    hub.mkdir(parents=True)
-    torch.save({}, hub / ev.INCEPTION_WEIGHTS)
-    assert isinstance(ev.inception_extractor(), ev.InceptionFeatures)
-
-
+# ------------------------------------------------------------------------ training with FID, offline
 def test_training_goes_on_without_fid(tmp_path):
-    data = _image_folder(tmp_path / "imgs", n=20)
+    data = image_folder(tmp_path / "imgs", n=20)
     base = [*TINY, "--channels", "3", "--data", data, "--steps", "2", "--eval-every", "1"]
     r = run_module("gan_fast.train", *base, "--fid", "--out", str(tmp_path / "a"),
                    env={"TORCH_HOME": str(tmp_path / "torch")})
@@ -257,7 +39,7 @@ def test_training_goes_on_without_fid(tmp_path):
 
 
 def test_training_goes_on_when_the_inception_weights_are_missing(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "torch_fidelity", _fake_torch_fidelity())
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake_torch_fidelity())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     out = str(tmp_path / "run")
     with pytest.warns(UserWarning, match="FID/KID skipped: the Inception weights are not on disk") as w:
@@ -270,11 +52,11 @@ def test_training_goes_on_when_the_inception_weights_are_missing(monkeypatch, tm
 
 
 def test_training_with_fid_computes_real_stats_once(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "torch_fidelity", _fake_torch_fidelity())
+    monkeypatch.setitem(sys.modules, "torch_fidelity", fake_torch_fidelity())
     monkeypatch.setenv("GAN_FAST_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "w.pth"
     torch.save({}, weights)
-    data = _image_folder(tmp_path / "imgs", n=20)
+    data = image_folder(tmp_path / "imgs", n=20)
     for out in ("a", "b"):
         assert train_main([*TINY, "--data", data, "--steps", "3", "--eval-every", "2", "--eval-n", "16",
                            "--fid", "--fid-weights", str(weights), "--out", str(tmp_path / out)]) == 0
@@ -304,14 +86,6 @@ def test_eval_every_writes_metrics_and_plot_and_leaves_training_unchanged(tmp_pa
     capsys.readouterr()
     assert ev.main(["--checkpoint", evald, "--n", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["digits_fd"] == pytest.approx(evals[-1]["digits_fd"], rel=1e-6)
-
-
-def test_plot_with_eval_rows_only_from_resume(tmp_path):
-    log = MetricsLog(str(tmp_path / "m.jsonl"), resume_step=0)
-    log.write({"step": 5, "loss_d": 1.0, "loss_g": 2.0, "d_x": 0.5, "d_g_z1": 0.4, "d_g_z2": 0.3})
-    log.write({"step": 5, "digits_fd": 100.0, "digits_coverage": 0.9, "digits_confidence": 0.8})
-    log.plot(str(tmp_path / "loss.png"))
-    assert os.path.isfile(tmp_path / "loss.png")
 
 
 def test_ema_update_is_a_lerp_and_copies_buffers():
@@ -404,7 +178,7 @@ def test_eval_cli_errors(tmp_path):
     assert train_main([*TINY, "--steps", "1", "--out", plain]) == 0
     with pytest.raises(UserError, match="holds no EMA generator"):
         ev.main(["--checkpoint", plain, "--ema"])
-    data = _image_folder(tmp_path / "imgs", n=20)
+    data = image_folder(tmp_path / "imgs", n=20)
     other = str(tmp_path / "other")
     assert train_main([*TINY, "--data", data, "--steps", "1", "--out", other]) == 0
     with pytest.raises(UserError, match="the digits metric applies only to the embedded digits"):
