@@ -2,12 +2,11 @@
 
 A tiny CNN (39k parameters; an 81 KB weights file in fp16) trained by
 ``tools/train_digit_classifier.py`` on a fixed 80/20 split of the embedded digits. Its 64-d
-penultimate features play the role Inception's pool3 features play in FID (Heusel et al. 2017):
-an embedding in which real digits form a compact distribution, so the Frechet distance between real and generated features measures sample quality
-without a download. Its class predictions give the coverage of the ten digit classes (mode collapse)
-and its confidence (how recognisable the samples are).
-"""
-from __future__ import annotations
+penultimate features play the role Inception's pool3 features play in FID (Heusel et al. 2017): an
+embedding in which real digits form a compact distribution, so the Frechet distance between real and
+generated features measures sample quality without a download. Its class predictions give the
+coverage of the ten digit classes (mode collapse) and its confidence (how recognisable the samples
+are). """ from __future__ import annotations
 
 from importlib import resources
 
