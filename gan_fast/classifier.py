@@ -6,7 +6,9 @@ penultimate features play the role Inception's pool3 features play in FID (Heuse
 embedding in which real digits form a compact distribution, so the Frechet distance between real and
 generated features measures sample quality without a download. Its class predictions give the
 coverage of the ten digit classes (mode collapse) and its confidence (how recognisable the samples
-are). """ from __future__ import annotations
+are).
+"""
+from __future__ import annotations
 
 from importlib import resources
 
