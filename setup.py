@@ -79,7 +79,8 @@ def run_logged(build, log_path):
 def extension_setup():
     if _flag("GAN_FAST_NO_EXT"):
         return {}
-    cpp = sorted(glob.glob("csrc/*.cpp"))
+    # the schemas (csrc/ops.cpp) and the CPU kernels and registration (csrc/cpu/)
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not cpp:
         return {}
     try:

@@ -1,6 +1,6 @@
 // Shared by the CPU (.cpp) and CUDA (.cu) translation units: argument checks, memory-format
 // handling and the device-agnostic op bodies. Each op body is a template over a `Kernels` struct
-// (CpuKernels in csrc/*_cpu.cpp, CudaKernels in csrc/cuda/*.cu) that only launches kernels on
+// (CpuKernels in csrc/cpu/, CudaKernels in csrc/cuda/) that only launches kernels on
 // buffers this file has already checked, laid out and allocated, so every argument check is
 // written once and both devices give the same error messages.
 //
@@ -12,6 +12,7 @@
 // Any other strides are first copied to one of the two, and outputs keep that layout.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
@@ -26,7 +27,11 @@
 #include <tuple>
 #include <vector>
 
-// The CPU BatchNorm kernels get a second, AVX2 + FMA build (csrc/bn_cpu_avx2.cpp, chosen at run
+// The dtype dispatch of every kernel: the floating types the op bodies below accept.
+#define GAN_FAST_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// The CPU BatchNorm kernels get a second, AVX2 + FMA build (csrc/cpu/bn_cpu_avx2.cpp, chosen at run
 // time) where `#pragma GCC target` can give one: GCC on x86-64.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define GAN_FAST_CPU_AVX2_TU 1
@@ -38,9 +43,9 @@ namespace gan_fast {
 
 using at::Tensor;
 
-// Activation codes shared with gan_fast/backends/ext.py (ACT_*). The BatchNorm kernels pass act through to
-// the activation helpers (cpu_vec.h activate, cuda_common.h activate): ReLU is not LeakyReLU(0),
-// whose 0 * -inf is NaN.
+// Activation codes; their Python home is gan_fast/backends/reference.py (ACT_*). The BatchNorm
+// kernels pass act through to the activation helpers (cpu/cpu_vec.h and cuda/cuda_common.h
+// activate): ReLU is not LeakyReLU(0), whose 0 * -inf is NaN.
 enum Act : int64_t { kActNone = 0, kActRelu = 1, kActLeakyRelu = 2, kActTanh = 3 };
 
 // Testing hook (gan_fast.backends.ext.poison_outputs, op set_poison_outputs): while set, every buffer a
@@ -491,15 +496,3 @@ std::tuple<Tensor, Tensor> d_head_backward(const Tensor& grad_loss, const Tensor
 }
 
 }  // namespace gan_fast
-
-// Registers every op's implementation for one dispatch key from one Kernels struct.
-#define GAN_FAST_REGISTER_IMPLS(K, m)                                            \
-  m.impl("bn_act", &gan_fast::bn_act_forward<K>);                                \
-  m.impl("bn_act_backward", &gan_fast::bn_act_backward<K>);                      \
-  m.impl("bn_update_stats_", &gan_fast::bn_update_stats<K>);                     \
-  m.impl("conv_act", &gan_fast::conv_act_forward<K>);                            \
-  m.impl("conv_act_backward", &gan_fast::conv_act_backward<K>);                  \
-  m.impl("bce_with_logits", &gan_fast::bce_forward<K>);                          \
-  m.impl("bce_with_logits_backward", &gan_fast::bce_backward<K>);                \
-  m.impl("d_head_bce", &gan_fast::d_head_forward<K>);                            \
-  m.impl("d_head_bce_backward", &gan_fast::d_head_backward<K>)

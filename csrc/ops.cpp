@@ -1,5 +1,5 @@
 // The gan_fast operator library: schemas only. Implementations are registered per device
-// (csrc/kernels_cpu.cpp for CPU, csrc/cuda/*.cu for CUDA); autograd formulas and fake (meta)
+// (csrc/cpu/register_cpu.cpp, csrc/cuda/register_cuda.cu); autograd formulas and fake (meta)
 // kernels are registered from Python in gan_fast/backends/ext.py through torch.library, the layout
 // pytorch/extension-cpp uses (extension_cpp/csrc/muladd.cpp + extension_cpp/ops.py).
 //

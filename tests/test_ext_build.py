@@ -7,6 +7,7 @@ raise ImportError, as for a missing .so), and setup.py's file-descriptor capture
 pytest's own."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -116,3 +117,28 @@ def test_failed_build_writes_the_compiler_output_to_the_build_log(tmp_path, requ
     else:         # a user: the install goes on, and says where the compiler's output is
         assert r.returncode == 0 and "the install goes on" in r.stdout, (r.stdout, r.stderr)
         assert f"The compiler's output is in {log_path}" in r.stderr, r.stderr
+
+
+# setup.py's extension as it would build it here, captured instead of built.
+_SOURCES_DRIVER = r"""
+import json, runpy, setuptools
+captured = {}
+setuptools.setup = lambda **kw: captured.update(kw)
+runpy.run_path("setup.py")
+ext, = captured["ext_modules"]
+print(json.dumps({"sources": sorted(ext.sources), "cuda": ("GAN_FAST_WITH_CUDA", None) in ext.define_macros}))
+"""
+
+
+def test_setup_compiles_every_source_under_csrc():
+    # setup.py lists sources by folder (csrc/, csrc/cpu/, csrc/cuda/): a file in a folder it does not
+    # list would be left out of the build silently, and its ops would fail only when called
+    r = subprocess.run([sys.executable, "-c", _SOURCES_DRIVER], capture_output=True, text=True, cwd=ROOT,
+                       env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    ext = json.loads(r.stdout.strip().splitlines()[-1])
+    suffixes = (".cpp", ".cu") if ext["cuda"] else (".cpp",)
+    on_disk = sorted(os.path.relpath(os.path.join(folder, name), ROOT)
+                     for folder, _, names in os.walk(os.path.join(ROOT, "csrc")) for name in names
+                     if name.endswith(suffixes))
+    assert ext["sources"] == on_disk

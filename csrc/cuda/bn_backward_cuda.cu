@@ -3,9 +3,9 @@
 // (CudaKernels::bn_backward_reduce), then one elementwise pass (CudaKernels::bn_backward_apply)
 //   training: dx = (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean))) * w * invstd,
 //   eval:     dx = dz * w * invstd,
-// the formula of ATen's batch_norm_backward kernels (and csrc/bn_cpu.cpp), with the mask of the
-// activation recomputed from the saved input: z = (x - mean) * scale + shift with the forward's
-// exact roundings (bn_cuda.cuh), so the mask is the forward's.
+// the formula of ATen's batch_norm_backward kernels (and csrc/cpu/bn_cpu_kernels.h), with the mask
+// of the activation recomputed from the saved input: z = (x - mean) * scale + shift with the
+// forward's exact roundings (bn_cuda.cuh), so the mask is the forward's.
 #include "bn_cuda.cuh"
 
 namespace gan_fast {
@@ -33,6 +33,15 @@ struct GradOut {
   }
 };
 
+// acc += (dz, dz * (x - mean)) with dz = dL/dz, the terms of grad_bias and grad_weight / invstd.
+template <typename acc_t>
+__device__ __forceinline__ void add_grad_terms(Sums<acc_t, 2>& acc, acc_t dy, acc_t x, const Coeffs<acc_t>& k,
+                                               acc_t slope, int act_kind) {
+  const acc_t dz = masked_grad(dy, x, k, slope, act_kind);
+  acc.v[0] += dz;
+  acc.v[1] += dz * (x - k.mean);
+}
+
 template <typename scalar_t, int VEC>
 __global__ __launch_bounds__(kThreads) void reduce_planes_kernel(const scalar_t* __restrict__ dy,
                                                                  const scalar_t* __restrict__ x, int64_t N,
@@ -43,22 +52,14 @@ __global__ __launch_bounds__(kThreads) void reduce_planes_kernel(const scalar_t*
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
   const Coeffs<acc_t> k = load_coeffs(prm, c);
-  const int64_t s_vec = S / VEC;
   Sums<acc_t, 2> acc{{acc_t(0), acc_t(0)}};
-  for (int64_t n = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; n < N; n += int64_t(gridDim.y) * blockDim.y) {
-    const int64_t base = (n * C + c) * S;
-    for (int64_t i = threadIdx.x; i < s_vec; i += blockDim.x) {
-      acc_t xv[VEC], gv[VEC];
-      load_vec<VEC>(x + base + i * VEC, xv);
-      load_vec<VEC>(dy + base + i * VEC, gv);
+  for_each_plane_vector<VEC>(N, C, S, c, [&](int64_t off) {
+    acc_t xv[VEC], gv[VEC];
+    load_vec<VEC>(x + off, xv);
+    load_vec<VEC>(dy + off, gv);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const acc_t dz = masked_grad(gv[j], xv[j], k, slope, act_kind);
-        acc.v[0] += dz;
-        acc.v[1] += dz * (xv[j] - k.mean);
-      }
-    }
-  }
+    for (int j = 0; j < VEC; ++j) add_grad_terms(acc, gv[j], xv[j], k, slope, act_kind);
+  });
   __shared__ Sums<acc_t, 2> shared[kWarps];
   acc = block_reduce_all(acc, shared);
   if (threadIdx.x == 0 && threadIdx.y == 0) out.store(acc, c, k.invstd);
@@ -81,18 +82,13 @@ __global__ __launch_bounds__(kThreads) void reduce_rows_kernel(const scalar_t* _
     if (active) k[j] = load_coeffs(prm, cv * VEC + j);
   }
   if (active) {
-    for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += int64_t(gridDim.y) * blockDim.y) {
-      const int64_t off = m * C + cv * VEC;
+    for_each_row_vector<VEC>(M, C, cv, [&](int64_t off) {
       acc_t xv[VEC], gv[VEC];
       load_vec<VEC>(x + off, xv);
       load_vec<VEC>(dy + off, gv);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const acc_t dz = masked_grad(gv[j], xv[j], k[j], slope, act_kind);
-        acc[j].v[0] += dz;
-        acc[j].v[1] += dz * (xv[j] - k[j].mean);
-      }
-    }
+      for (int j = 0; j < VEC; ++j) add_grad_terms(acc[j], gv[j], xv[j], k[j], slope, act_kind);
+    });
   }
   __shared__ Sums<acc_t, 2> shared[kThreads * VEC];
   block_reduce_columns<VEC>(acc, shared);  // every thread takes part (shuffles, __syncthreads)
@@ -129,40 +125,27 @@ void bn_backward_reduce_cuda(const Tensor& dy, const Tensor& x, const BnShape& s
   const int act_kind = static_cast<int>(act);
   const acc_t slope_a = static_cast<acc_t>(slope);
   GradOut<acc_t> out{grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), nullptr, s.C};
-  const int vec = vec_width<scalar_t>(s.rows ? s.C : s.S, {X, DY});
-  dim3 block, grid;
-  if (s.rows) {
-    block = rows_block(s.C / vec);
-    grid.x = static_cast<unsigned>(ceil_div(s.C / vec, block.x));
-    grid.y = reduce_splits(grid.x, s.count(), block.y);
-  } else {
-    check_grid_x(s.C, "gan_fast::bn_act_backward");
-    block = planes_block(s.S / vec);
-    grid.x = static_cast<unsigned>(s.C);
-    grid.y = reduce_splits(s.C, s.N, block.y);
-  }
-  Tensor partial;
-  if (grid.y > 1) {
-    partial = at::empty({int64_t(grid.y) * 2 * s.C}, grad_weight.options());
-    out.partial = partial.data_ptr<acc_t>();
-  }
+  const LaunchPlan launch = launch_plan<scalar_t>(s, {X, DY}, Pass::kReduce, "gan_fast::bn_act_backward");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_vec<scalar_t>(vec, [&](auto vec_c) {
-    constexpr int VEC = decltype(vec_c)::value;
-    if (s.rows) {
-      reduce_rows_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(DY, X, s.count(), s.C, prm, slope_a, act_kind, out);
-    } else {
-      reduce_planes_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(DY, X, s.N, s.C, s.S, prm, slope_a, act_kind, out);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  if (grid.y > 1) {
-    GradOut<acc_t> final_out = out;
-    final_out.partial = nullptr;
-    reduce_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(s.C, kThreads)), kThreads, 0, stream>>>(
-        out.partial, grid.y, prm, final_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  reduce_per_channel<acc_t>(
+      launch, 2, out, grad_weight.options(),
+      [&](const GradOut<acc_t>& o) {
+        with_vec<scalar_t>(launch.vec, [&](auto vec_c) {
+          constexpr int VEC = decltype(vec_c)::value;
+          if (s.rows) {
+            reduce_rows_kernel<scalar_t, VEC>
+                <<<launch.grid, launch.block, 0, stream>>>(DY, X, s.count(), s.C, prm, slope_a, act_kind, o);
+          } else {
+            reduce_planes_kernel<scalar_t, VEC>
+                <<<launch.grid, launch.block, 0, stream>>>(DY, X, s.N, s.C, s.S, prm, slope_a, act_kind, o);
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      },
+      [&](unsigned blocks, const acc_t* partial, const GradOut<acc_t>& final_out) {
+        reduce_finalize_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(partial, launch.grid.y, prm, final_out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 // Per-channel terms of the elementwise backward: dx = (dz - c1 - (x - mean) * c2) * scale in
@@ -210,18 +193,9 @@ __global__ __launch_bounds__(kThreads) void grad_input_planes_kernel(const scala
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
   const BackwardCoeffs<acc_t> r = load_backward_coeffs(p, c);
-  const int64_t s_vec = S / VEC;
-  for (int64_t n = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; n < N; n += int64_t(gridDim.y) * blockDim.y) {
-    const int64_t base = (n * C + c) * S;
-    for (int64_t i = threadIdx.x; i < s_vec; i += blockDim.x) {
-      acc_t xv[VEC], gv[VEC];
-      load_vec<VEC>(x + base + i * VEC, xv);
-      load_vec<VEC>(dy + base + i * VEC, gv);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) gv[j] = grad_input(gv[j], xv[j], r, p);
-      store_vec<VEC>(dx + base + i * VEC, gv);
-    }
-  }
+  for_each_plane_vector<VEC>(N, C, S, c, [&](int64_t off) {
+    map_vec<VEC>(dy + off, x + off, dx + off, [&](int, acc_t g, acc_t xv) { return grad_input(g, xv, r, p); });
+  });
 }
 
 template <typename scalar_t, int VEC>
@@ -235,15 +209,9 @@ __global__ __launch_bounds__(kThreads) void grad_input_rows_kernel(const scalar_
   BackwardCoeffs<acc_t> r[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) r[j] = load_backward_coeffs(p, cv * VEC + j);
-  for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += int64_t(gridDim.y) * blockDim.y) {
-    const int64_t off = m * C + cv * VEC;
-    acc_t xv[VEC], gv[VEC];
-    load_vec<VEC>(x + off, xv);
-    load_vec<VEC>(dy + off, gv);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) gv[j] = grad_input(gv[j], xv[j], r[j], p);
-    store_vec<VEC>(dx + off, gv);
-  }
+  for_each_row_vector<VEC>(M, C, cv, [&](int64_t off) {
+    map_vec<VEC>(dy + off, x + off, dx + off, [&](int j, acc_t g, acc_t xv) { return grad_input(g, xv, r[j], p); });
+  });
 }
 
 template <typename scalar_t>
@@ -262,21 +230,15 @@ void bn_backward_apply_cuda(const Tensor& dy, const Tensor& x, const BnShape& s,
                                 static_cast<acc_t>(slope),
                                 training,
                                 act != kActNone};
-  const int vec = vec_width<scalar_t>(s.rows ? s.C : s.S, {X, DY, DX});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_vec<scalar_t>(vec, [&](auto vec_c) {
+  const LaunchPlan launch =
+      launch_plan<scalar_t>(s, {X, DY, DX}, Pass::kElementwise, "gan_fast::bn_act_backward");
+  with_vec<scalar_t>(launch.vec, [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
     if (s.rows) {
-      const dim3 block = rows_block(s.C / VEC);
-      dim3 grid(static_cast<unsigned>(ceil_div(s.C / VEC, block.x)));
-      grid.y = elementwise_splits(grid.x, s.count(), block.y);
-      grad_input_rows_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(DY, X, DX, s.count(), s.C, p);
+      grad_input_rows_kernel<scalar_t, VEC><<<launch.grid, launch.block, 0, stream>>>(DY, X, DX, s.count(), s.C, p);
     } else {
-      check_grid_x(s.C, "gan_fast::bn_act_backward");
-      const dim3 block = planes_block(s.S / VEC);
-      dim3 grid(static_cast<unsigned>(s.C));
-      grid.y = elementwise_splits(grid.x, s.N, block.y);
-      grad_input_planes_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(DY, X, DX, s.N, s.C, s.S, p);
+      grad_input_planes_kernel<scalar_t, VEC><<<launch.grid, launch.block, 0, stream>>>(DY, X, DX, s.N, s.C, s.S, p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

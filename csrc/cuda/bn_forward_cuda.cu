@@ -66,17 +66,13 @@ __global__ __launch_bounds__(kThreads) void stats_planes_kernel(const scalar_t* 
                                                                 StatsOut<at::opmath_type<scalar_t>> out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
-  const int64_t s_vec = S / VEC;
   WelfordLanes<acc_t, VEC> acc;
   acc.init();
-  for (int64_t n = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; n < N; n += int64_t(gridDim.y) * blockDim.y) {
-    const scalar_t* plane = x + (n * C + c) * S;
-    for (int64_t i = threadIdx.x; i < s_vec; i += blockDim.x) {
-      acc_t v[VEC];
-      load_vec<VEC>(plane + i * VEC, v);
-      acc.add(v);
-    }
-  }
+  for_each_plane_vector<VEC>(N, C, S, c, [&](int64_t off) {
+    acc_t v[VEC];
+    load_vec<VEC>(x + off, v);
+    acc.add(v);
+  });
   Welford<acc_t> st = acc.lane(0);
 #pragma unroll
   for (int i = 1; i < VEC; ++i) st = combine(st, acc.lane(i));
@@ -94,11 +90,11 @@ __global__ __launch_bounds__(kThreads) void stats_rows_kernel(const scalar_t* __
   WelfordLanes<acc_t, VEC> acc;
   acc.init();
   if (active) {
-    for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += int64_t(gridDim.y) * blockDim.y) {
+    for_each_row_vector<VEC>(M, C, cv, [&](int64_t off) {
       acc_t v[VEC];
-      load_vec<VEC>(x + m * C + cv * VEC, v);
+      load_vec<VEC>(x + off, v);
       acc.add(v);
-    }
+    });
   }
   Welford<acc_t> st[VEC];
 #pragma unroll
@@ -132,40 +128,25 @@ void bn_stats_cuda(const Tensor& x, const BnShape& s, Tensor& mean, Tensor& var)
   const scalar_t* X = x.data_ptr<scalar_t>();
   StatsOut<acc_t> out{mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), nullptr, s.C,
                       acc_t(1) / static_cast<acc_t>(s.count())};
-  const int vec = vec_width<scalar_t>(s.rows ? s.C : s.S, {X});
-  dim3 block, grid;
-  if (s.rows) {
-    block = rows_block(s.C / vec);
-    grid.x = static_cast<unsigned>(ceil_div(s.C / vec, block.x));
-    grid.y = reduce_splits(grid.x, s.count(), block.y);
-  } else {
-    check_grid_x(s.C, "gan_fast::bn_act");
-    block = planes_block(s.S / vec);
-    grid.x = static_cast<unsigned>(s.C);
-    grid.y = reduce_splits(s.C, s.N, block.y);
-  }
-  Tensor partial;
-  if (grid.y > 1) {
-    partial = at::empty({int64_t(grid.y) * 3 * s.C}, mean.options());
-    out.partial = partial.data_ptr<acc_t>();
-  }
+  const LaunchPlan launch = launch_plan<scalar_t>(s, {X}, Pass::kReduce, "gan_fast::bn_act");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_vec<scalar_t>(vec, [&](auto vec_c) {
-    constexpr int VEC = decltype(vec_c)::value;
-    if (s.rows) {
-      stats_rows_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(X, s.count(), s.C, out);
-    } else {
-      stats_planes_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(X, s.N, s.C, s.S, out);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  if (grid.y > 1) {
-    StatsOut<acc_t> final_out = out;
-    final_out.partial = nullptr;
-    stats_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(s.C, kThreads)), kThreads, 0, stream>>>(
-        out.partial, grid.y, final_out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  reduce_per_channel<acc_t>(
+      launch, 3, out, mean.options(),
+      [&](const StatsOut<acc_t>& o) {
+        with_vec<scalar_t>(launch.vec, [&](auto vec_c) {
+          constexpr int VEC = decltype(vec_c)::value;
+          if (s.rows) {
+            stats_rows_kernel<scalar_t, VEC><<<launch.grid, launch.block, 0, stream>>>(X, s.count(), s.C, o);
+          } else {
+            stats_planes_kernel<scalar_t, VEC><<<launch.grid, launch.block, 0, stream>>>(X, s.N, s.C, s.S, o);
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      },
+      [&](unsigned blocks, const acc_t* partial, const StatsOut<acc_t>& final_out) {
+        stats_finalize_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(partial, launch.grid.y, final_out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 // y = act((x - mean) * (w * invstd) + b).
@@ -178,20 +159,9 @@ __global__ __launch_bounds__(kThreads) void apply_planes_kernel(const scalar_t* 
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x;
   const Coeffs<acc_t> k = load_coeffs(prm, c);
-  const int64_t s_vec = S / VEC;
-  for (int64_t n = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; n < N; n += int64_t(gridDim.y) * blockDim.y) {
-    const int64_t base = (n * C + c) * S;
-    for (int64_t i = threadIdx.x; i < s_vec; i += blockDim.x) {
-      acc_t v[VEC];
-      load_vec<VEC>(x + base + i * VEC, v);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const acc_t z = pre_act(v[j], k);
-        v[j] = activate(z, act_kind, slope);
-      }
-      store_vec<VEC>(y + base + i * VEC, v);
-    }
-  }
+  for_each_plane_vector<VEC>(N, C, S, c, [&](int64_t off) {
+    map_vec<VEC>(x + off, y + off, [&](int, acc_t v) { return activate(pre_act(v, k), act_kind, slope); });
+  });
 }
 
 template <typename scalar_t, int VEC>
@@ -205,17 +175,9 @@ __global__ __launch_bounds__(kThreads) void apply_rows_kernel(const scalar_t* __
   Coeffs<acc_t> k[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) k[j] = load_coeffs(prm, cv * VEC + j);
-  for (int64_t m = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; m < M; m += int64_t(gridDim.y) * blockDim.y) {
-    const int64_t off = m * C + cv * VEC;
-    acc_t v[VEC];
-    load_vec<VEC>(x + off, v);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const acc_t z = pre_act(v[j], k[j]);
-      v[j] = activate(z, act_kind, slope);
-    }
-    store_vec<VEC>(y + off, v);
-  }
+  for_each_row_vector<VEC>(M, C, cv, [&](int64_t off) {
+    map_vec<VEC>(x + off, y + off, [&](int j, acc_t v) { return activate(pre_act(v, k[j]), act_kind, slope); });
+  });
 }
 
 template <typename scalar_t>
@@ -227,28 +189,23 @@ void bn_apply_cuda(const Tensor& x, const BnShape& s, const Tensor& mean, const 
   const auto prm = channel_params<acc_t>(mean, var, w, b, eps);
   const int act_kind = static_cast<int>(act);
   const acc_t slope_a = static_cast<acc_t>(slope);
-  const int vec = vec_width<scalar_t>(s.rows ? s.C : s.S, {X, Y});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_vec<scalar_t>(vec, [&](auto vec_c) {
+  const LaunchPlan launch = launch_plan<scalar_t>(s, {X, Y}, Pass::kElementwise, "gan_fast::bn_act");
+  with_vec<scalar_t>(launch.vec, [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
     if (s.rows) {
-      const dim3 block = rows_block(s.C / VEC);
-      dim3 grid(static_cast<unsigned>(ceil_div(s.C / VEC, block.x)));
-      grid.y = elementwise_splits(grid.x, s.count(), block.y);
-      apply_rows_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(X, Y, s.count(), s.C, prm, slope_a, act_kind);
+      apply_rows_kernel<scalar_t, VEC>
+          <<<launch.grid, launch.block, 0, stream>>>(X, Y, s.count(), s.C, prm, slope_a, act_kind);
     } else {
-      check_grid_x(s.C, "gan_fast::bn_act");
-      const dim3 block = planes_block(s.S / VEC);
-      dim3 grid(static_cast<unsigned>(s.C));
-      grid.y = elementwise_splits(grid.x, s.N, block.y);
-      apply_planes_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(X, Y, s.N, s.C, s.S, prm, slope_a, act_kind);
+      apply_planes_kernel<scalar_t, VEC>
+          <<<launch.grid, launch.block, 0, stream>>>(X, Y, s.N, s.C, s.S, prm, slope_a, act_kind);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 // running = momentum * batch + (1 - momentum) * running, with the unbiased batch variance;
-// csrc/bn_cpu.cpp's expression and roundings.
+// csrc/cpu/bn_cpu.cpp's expression and roundings.
 template <typename scalar_t>
 __global__ __launch_bounds__(kThreads) void update_stats_kernel(scalar_t* __restrict__ rm, scalar_t* __restrict__ rv,
                                                                 const at::opmath_type<scalar_t>* __restrict__ mean,

@@ -1,10 +1,10 @@
 // CUDA kernels of the activation applied after an ATen (cuDNN) convolution
 // (CudaKernels::act_forward_ / act_backward), BCE-with-logits (bce_forward / bce_backward) and the
 // fused D head, a GEMV + BCE (d_head_forward / d_head_backward). Same math as
-// csrc/pointwise_cpu.cpp: the activations in the accumulation dtype, the BCE terms and the
+// csrc/cpu/pointwise_cpu.cpp: the activations in the accumulation dtype, the BCE terms and the
 // sigmoid in double, the losses' means as deterministic fixed-order reductions in double.
 #include "../common.h"
-#include "../cuda_common.h"
+#include "cuda_common.h"
 
 namespace gan_fast {
 namespace cuda {
@@ -13,6 +13,18 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Activation epilogue of the convolution, in place on a dense (contiguous or channels_last)
 // tensor: one flat pass, VEC elements per access, and the last numel % VEC elements one by one.
+
+// f(i, width) for each run [i, i + width) of this thread in a grid-stride pass over n elements:
+// width is std::integral_constant<int, VEC> for whole vectors and <int, 1> for the tail.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_flat_vector(int64_t n, F&& f) {
+  const int64_t n_vec = n / VEC;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = tid; i < n_vec; i += stride) f(i * VEC, std::integral_constant<int, VEC>{});
+  const int64_t t = n_vec * VEC + tid;  // tail
+  if (t < n) f(t, std::integral_constant<int, 1>{});
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t act_value(acc_t z, bool is_tanh, acc_t slope) {
@@ -23,18 +35,9 @@ template <typename scalar_t, int VEC>
 __global__ __launch_bounds__(kThreads) void act_forward_kernel(scalar_t* __restrict__ y, int64_t n, bool is_tanh,
                                                                at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_vec = n / VEC;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = tid; i < n_vec; i += stride) {
-    acc_t v[VEC];
-    load_vec<VEC>(y + i * VEC, v);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = act_value(v[j], is_tanh, slope);
-    store_vec<VEC>(y + i * VEC, v);
-  }
-  const int64_t t = n_vec * VEC + tid;  // tail
-  if (t < n) y[t] = static_cast<scalar_t>(act_value(static_cast<acc_t>(y[t]), is_tanh, slope));
+  for_each_flat_vector<VEC>(n, [&](int64_t i, auto width) {
+    map_vec<decltype(width)::value>(y + i, y + i, [&](int, acc_t v) { return act_value(v, is_tanh, slope); });
+  });
 }
 
 // grad_z = grad_y * act'(z) from the saved output y: tanh' = 1 - y^2 (torch's tanh_backward);
@@ -50,22 +53,10 @@ __global__ __launch_bounds__(kThreads) void act_backward_kernel(const scalar_t* 
                                                                 scalar_t* __restrict__ gz, int64_t n, bool is_tanh,
                                                                 at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_vec = n / VEC;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = tid; i < n_vec; i += stride) {
-    acc_t g[VEC], v[VEC];
-    load_vec<VEC>(gy + i * VEC, g);
-    load_vec<VEC>(y + i * VEC, v);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) g[j] = act_grad(g[j], v[j], is_tanh, slope);
-    store_vec<VEC>(gz + i * VEC, g);
-  }
-  const int64_t t = n_vec * VEC + tid;  // tail
-  if (t < n) {
-    gz[t] = static_cast<scalar_t>(
-        act_grad(static_cast<acc_t>(gy[t]), static_cast<acc_t>(y[t]), is_tanh, slope));
-  }
+  for_each_flat_vector<VEC>(n, [&](int64_t i, auto width) {
+    map_vec<decltype(width)::value>(gy + i, y + i, gz + i,
+                                    [&](int, acc_t g, acc_t v) { return act_grad(g, v, is_tanh, slope); });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -126,6 +117,9 @@ __global__ __launch_bounds__(kThreads) void bce_backward_kernel(const at::opmath
 // ---------------------------------------------------------------------------------------------
 // D head: logits[n] = <x[n, :], w> over K = C * H * W (x and w flattened in the same memory
 // order, csrc/common.h d_head_operands), one block per sample.
+
+// Threads of a block that walks one sample's k_vec vectors: a power of two from a warp to kThreads.
+inline int row_threads(int64_t k_vec) { return std::max(32, pow2_at_least(k_vec, kThreads)); }
 
 template <typename scalar_t, int VEC>
 __global__ __launch_bounds__(kThreads) void d_head_forward_kernel(const scalar_t* __restrict__ x,
@@ -304,7 +298,7 @@ void CudaKernels::d_head_forward(const Tensor& x, const Tensor& w, const Tensor&
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     cuda::with_vec<scalar_t>(cuda::vec_width<scalar_t>(K, {X, W}), [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
-      const int threads = std::max(32, cuda::pow2_at_least(K / VEC, cuda::kThreads));
+      const int threads = cuda::row_threads(K / VEC);
       cuda::d_head_forward_kernel<scalar_t, VEC><<<static_cast<unsigned>(N), threads, 0, stream>>>(
           X, W, target.data_ptr<acc_t>(), K, logits.data_ptr<scalar_t>(), terms.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -338,7 +332,7 @@ void CudaKernels::d_head_backward(const Tensor& grad_loss, const Tensor& x, cons
       cuda::with_vec<scalar_t>(cuda::vec_width<scalar_t>(K, {W, GX}), [&](auto vec_c) {
         constexpr int VEC = decltype(vec_c)::value;
         const int64_t k_vec = K / VEC;
-        const int threads = std::max(32, cuda::pow2_at_least(k_vec, cuda::kThreads));
+        const int threads = cuda::row_threads(k_vec);
         const dim3 grid(static_cast<unsigned>(N),
                         static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(k_vec, threads), cuda::kMaxGridY)));
         cuda::d_head_grad_x_kernel<scalar_t, VEC><<<grid, threads, 0, stream>>>(W, DL, K, GX);

@@ -78,9 +78,6 @@ void CpuKernels::bn_backward_apply(const Tensor& dy, const Tensor& x, const BnSh
 
 #undef GAN_FAST_BN_CALL
 
-#define GAN_FAST_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 // The running-stat update: C elements, scalar.
 void CpuKernels::bn_update_stats(Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var,
                                  double momentum, int64_t count) {

@@ -43,6 +43,14 @@ struct VecIO {
       for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(t[i]);
     }
   }
+  // f(i, n) over [0, len) in vectors of W: whole vectors, then one partial vector. After inlining,
+  // the whole-vector calls see n == W as a constant, so their loads and stores are plain (unmasked).
+  template <typename F>
+  static inline void vec_loop(int64_t len, F&& f) {
+    int64_t i = 0;
+    for (; i + W <= len; i += W) f(i, W);
+    if (i < len) f(i, len - i);
+  }
   // Lanes >= n set to zero, so a partial vector adds nothing to a sum.
   static inline Vec keep(const Vec& v, int64_t n) { return n == W ? v : Vec::set(Vec(acc_t(0)), v, n); }
   static inline acc_t hsum(const Vec& v) {

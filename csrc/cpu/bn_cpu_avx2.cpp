@@ -1,7 +1,7 @@
 // The AVX2 + FMA build of the BatchNorm kernels (bn_cpu_kernels.h); bn_cpu.cpp decides at run time
 // whether it may run. GCC on x86-64 only (GAN_FAST_CPU_AVX2_TU): elsewhere this file is empty and the
 // baseline build runs.
-#include "common.h"
+#include "../common.h"
 
 #if GAN_FAST_CPU_AVX2_TU
 

@@ -11,7 +11,8 @@
 // which also round exactly like the CPU kernels' baseline (non-FMA) at::vec build.
 #pragma once
 
-#include <ATen/Dispatch.h>
+#include "../common.h"
+
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -49,7 +50,7 @@ __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(
 __device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
 
 // ---------------------------------------------------------------------------------------------
-// Activations (csrc/cpu_vec.h's leaky / leaky_grad, element by element).
+// Activations (csrc/cpu/cpu_vec.h's leaky / leaky_grad, element by element).
 
 // LeakyReLU as torch's leaky_relu: z where z > 0, else slope * z (one rounding).
 template <typename T>
@@ -63,7 +64,7 @@ __device__ __forceinline__ T leaky_grad(T dy, T z, T slope) {
   return z > T(0) ? dy : mul_rn(dy, slope);
 }
 
-// The activation after BatchNorm (csrc/cpu_vec.h's activate / activate_grad, element by element).
+// The activation after BatchNorm (csrc/cpu/cpu_vec.h's activate / activate_grad, element by element).
 // act is kActNone, kActRelu or kActLeakyRelu. ReLU is torch.relu: 0 where z < 0 (never 0 * z, NaN
 // for z = -inf), z elsewhere; its gradient is 0 where z <= 0 (threshold_backward), dy elsewhere.
 template <typename T>
@@ -89,7 +90,7 @@ __device__ __forceinline__ double tanh_acc(double z) { return ::tanh(z); }  // f
 
 // ---------------------------------------------------------------------------------------------
 // Binary cross-entropy with logits, per element, in double like the CPU kernels
-// (csrc/pointwise_cpu.cpp): (1 - t) * l - min(l, 0) + log1p(exp(-|l|)) and sigmoid(l) - t.
+// (csrc/cpu/pointwise_cpu.cpp): (1 - t) * l - min(l, 0) + log1p(exp(-|l|)) and sigmoid(l) - t.
 
 __device__ __forceinline__ double bce_term(double l, double t) {
   const double neg = l > 0.0 ? 0.0 : l;  // std::min(l, 0.0), NaN kept
@@ -125,6 +126,27 @@ __device__ __forceinline__ void store_vec(scalar_t* p, const acc_t (&in)[VEC]) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(in[i]);
   *reinterpret_cast<Pack<scalar_t, VEC>*>(p) = pk;
+}
+
+// One vector of VEC elements mapped elementwise in the accumulation type: out[j] = f(j, a[j]) or
+// f(j, a[j], b[j]), j the lane (for per-lane coefficients). out may be a (in place).
+template <int VEC, typename scalar_t, typename F>
+__device__ __forceinline__ void map_vec(const scalar_t* a, scalar_t* out, F&& f) {
+  at::opmath_type<scalar_t> v[VEC];
+  load_vec<VEC>(a, v);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] = f(j, v[j]);
+  store_vec<VEC>(out, v);
+}
+
+template <int VEC, typename scalar_t, typename F>
+__device__ __forceinline__ void map_vec(const scalar_t* a, const scalar_t* b, scalar_t* out, F&& f) {
+  at::opmath_type<scalar_t> u[VEC], v[VEC];
+  load_vec<VEC>(a, u);
+  load_vec<VEC>(b, v);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) u[j] = f(j, u[j], v[j]);
+  store_vec<VEC>(out, u);
 }
 
 // Elements of T per 16-byte vector.
@@ -318,6 +340,3 @@ inline void check_grid_x(int64_t blocks, const char* op) {
 
 }  // namespace cuda
 }  // namespace gan_fast
-
-#define GAN_FAST_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

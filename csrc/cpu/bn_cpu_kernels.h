@@ -1,0 +1,413 @@
+// The BatchNorm + activation CPU kernels (forward statistics, normalize + activation, backward
+// reduction, backward elementwise), written once over at::vec and compiled twice: by bn_cpu.cpp
+// for the baseline ISA and by bn_cpu_avx2.cpp for AVX2 + FMA, which bn_cpu.cpp picks at run time.
+// An extension is built with the compiler's default flags (x86-64: SSE2), where at::vec is its
+// generic fallback: element loops with a branch per lane for every comparison, max and blend, which
+// made these kernels 5-10x slower than ATen's own (runtime-dispatched AVX2) batch_norm. ATen solves
+// this by compiling its kernels once per CPU capability (DispatchStub); this is the same scheme.
+//
+// The including translation unit defines GAN_FAST_CPU_NS (the namespace of the entry points below)
+// and, for AVX2, CPU_CAPABILITY / CPU_CAPABILITY_AVX2 and the target pragma before this header.
+//
+// Parallel plan (the split of ATen's aten/src/ATen/native/cpu/batch_norm_kernel.cpp):
+//   planes [N, C, S]: one task per (n, c) plane, vectorized along S; per-plane partial sums are
+//                     then added over n per channel;
+//   rows   [M, C]:    row chunks per thread, vectorized along C into per-chunk partial vectors.
+// Statistics are two-pass (mean, then the sum of squared deviations) for accuracy.
+#pragma once
+
+#ifndef GAN_FAST_CPU_NS
+#error "define GAN_FAST_CPU_NS (the namespace of this ISA's entry points) before including bn_cpu_kernels.h"
+#endif
+
+#include "../common.h"
+#include "cpu_vec.h"
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace gan_fast {
+// Internal linkage: each translation unit (ISA) keeps its own copy of these templates, so the
+// linker can never substitute the AVX2 instantiation for the baseline one (or the reverse).
+namespace {
+
+using cpu::VecIO;
+
+// Per-channel coefficients shared by forward and backward, so the backward recomputes the
+// forward's pre-activation z = (x - mean) * scale + shift with the very same arithmetic.
+template <typename acc_t>
+struct ChannelCoeffs {
+  std::vector<acc_t> mean, scale, shift, invstd;
+  ChannelCoeffs(const BnShape& s, const Tensor& m, const Tensor& v, const Tensor& w, const Tensor& b,
+                double eps)
+      : mean(s.C), scale(s.C), shift(s.C), invstd(s.C) {
+    const acc_t* mp = m.data_ptr<acc_t>();
+    const acc_t* vp = v.data_ptr<acc_t>();
+    const acc_t* wp = w.defined() ? w.data_ptr<acc_t>() : nullptr;
+    const acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
+    for (int64_t c = 0; c < s.C; ++c) {
+      invstd[c] = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps));
+      mean[c] = mp[c];
+      scale[c] = wp ? wp[c] * invstd[c] : invstd[c];
+      shift[c] = bp ? bp[c] : acc_t(0);
+    }
+  }
+};
+
+template <typename V>
+inline V pre_act(const V& x, const V& mean, const V& scale, const V& shift) {
+  return (x - mean) * scale + shift;
+}
+
+// Calls body(std::bool_constant<b>) so that hot loops are compiled once per value of a runtime flag
+// (activation or not, training or eval) instead of testing it per element: the inner loops below
+// also hoist every pointer into a local, since a store through the output pointer could otherwise
+// alias the captured vectors and force a reload of each per iteration.
+template <typename F>
+inline void with_flag(bool b, F&& body) {
+  if (b) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+// Per-channel sums over all N * S values.
+//   planes: plane_fn(p, acc) adds plane p's values into K vector accumulators (registers); tasks
+//           are (channel, chunk of n) pairs, each reduced to scalars once, so a small plane (4x4:
+//           two vectors) does not pay a horizontal sum per plane;
+//   rows:   row_fn(r0, r1, parts) adds rows [r0, r1) into K per-chunk partial vectors of C.
+// The partials are then added per channel in a fixed order (deterministic for a thread count).
+template <typename acc_t, int K, typename PlaneFn, typename RowFn>
+void channel_sums(const BnShape& s, PlaneFn plane_fn, RowFn row_fn, acc_t* const out[K]) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t C = s.C, N = s.N;
+  if (!s.rows) {
+    const int64_t threads = at::get_num_threads();
+    // Split the batch only when there are fewer channels than threads (a 1- or 3-channel layer).
+    const int64_t chunks = std::min<int64_t>(N, std::max<int64_t>(1, threads / C));
+    const int64_t tasks = chunks * C;
+    const int64_t per_task = (N + chunks - 1) / chunks * s.S;
+    std::vector<acc_t> part(static_cast<size_t>(tasks) * K);
+    at::parallel_for(0, tasks, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_task)),
+                     [&](int64_t t0, int64_t t1) {
+                       for (int64_t t = t0; t < t1; ++t) {
+                         const int64_t chunk = t / C, c = t % C;
+                         Vec acc[K];
+                         for (int k = 0; k < K; ++k) acc[k] = Vec(acc_t(0));
+                         for (int64_t n = N * chunk / chunks; n < N * (chunk + 1) / chunks; ++n)
+                           plane_fn(n * C + c, acc);
+                         for (int k = 0; k < K; ++k) part[t * K + k] = VecIO<acc_t>::hsum(acc[k]);
+                       }
+                     });
+    for (int64_t c = 0; c < C; ++c) {
+      for (int k = 0; k < K; ++k) {
+        acc_t sum = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += part[(chunk * C + c) * K + k];
+        out[k][c] = sum;
+      }
+    }
+  } else {
+    const int64_t M = s.count();
+    const int64_t T = cpu::num_chunks(M, std::max<int64_t>(1, 16384 / C));
+    std::vector<acc_t> part(static_cast<size_t>(T) * K * C, acc_t(0));
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        acc_t* parts[K];
+        for (int k = 0; k < K; ++k) parts[k] = &part[(t * K + k) * C];
+        row_fn(M * t / T, M * (t + 1) / T, parts);
+      }
+    });
+    for (int k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t sum = 0;
+        for (int64_t t = 0; t < T; ++t) sum += part[(t * K + k) * C + c];
+        out[k][c] = sum;
+      }
+    }
+  }
+}
+
+// The kernels for one dtype: scalar_t in memory, computed in Vec (acc_t lanes).
+template <typename scalar_t>
+struct BnCpu {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+
+  static void stats(const Tensor& x, const BnShape& s, Tensor& mean_t, Tensor& var_t) {
+    const scalar_t* const X = x.data_ptr<scalar_t>();
+    const int64_t C = s.C, S = s.S;
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(s.count());
+    acc_t* const mean = mean_t.data_ptr<acc_t>();
+    acc_t* const var = var_t.data_ptr<acc_t>();
+
+    // Pass 1: sums -> mean.
+    {
+      acc_t* out[1] = {mean};
+      channel_sums<acc_t, 1>(
+          s,
+          [X, S](int64_t p, Vec* acc) {
+            const scalar_t* xp = X + p * S;
+            IO::vec_loop(S, [&](int64_t i, int64_t n) { acc[0] += IO::keep(IO::load(xp + i, n), n); });
+          },
+          [X, C](int64_t r0, int64_t r1, acc_t** parts) {
+            acc_t* const p0 = parts[0];
+            for (int64_t r = r0; r < r1; ++r) {
+              const scalar_t* xr = X + r * C;
+              IO::vec_loop(C, [&](int64_t c, int64_t n) {
+                (Vec::loadu(p0 + c, n) + IO::load(xr + c, n)).store(p0 + c, static_cast<int>(n));
+              });
+            }
+          },
+          out);
+      for (int64_t c = 0; c < C; ++c) mean[c] *= inv_count;
+    }
+    // Pass 2: sums of the deviations d = x - mean and of d^2 -> corrected mean and biased variance.
+    // The corrected two-pass algorithm (Chan, Golub & LeVeque 1983, "Algorithms for computing the
+    // sample variance"): sum(d) is the rounding error of pass 1's float mean, so mean + sum(d) / n is
+    // as accurate as ATen's CPU batch_norm, which accumulates float statistics in double. Without it
+    // a channel whose |mean| dwarfs its spread (a bias on tiny inputs) normalized with a mean a few
+    // float ulps off: errors of 1e-4 relative in the output where the reference had 3e-5.
+    {
+      std::vector<acc_t> dsum(C);
+      acc_t* out[2] = {dsum.data(), var};
+      const acc_t* const mp = mean;
+      channel_sums<acc_t, 2>(
+          s,
+          [X, S, C, mp](int64_t p, Vec* acc) {
+            const scalar_t* xp = X + p * S;
+            const Vec m(mp[p % C]);
+            IO::vec_loop(S, [&](int64_t i, int64_t n) {
+              const Vec d = IO::keep(IO::load(xp + i, n) - m, n);
+              acc[0] += d;
+              acc[1] += d * d;
+            });
+          },
+          [X, C, mp](int64_t r0, int64_t r1, acc_t** parts) {
+            acc_t* const p0 = parts[0];
+            acc_t* const p1 = parts[1];
+            for (int64_t r = r0; r < r1; ++r) {
+              const scalar_t* xr = X + r * C;
+              IO::vec_loop(C, [&](int64_t c, int64_t n) {
+                const Vec d = IO::load(xr + c, n) - Vec::loadu(mp + c, n);
+                (Vec::loadu(p0 + c, n) + d).store(p0 + c, static_cast<int>(n));
+                (Vec::loadu(p1 + c, n) + d * d).store(p1 + c, static_cast<int>(n));
+              });
+            }
+          },
+          out);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t dm = dsum[c] * inv_count;
+        mean[c] += dm;
+        var[c] = std::max(var[c] * inv_count - dm * dm, acc_t(0));
+      }
+    }
+  }
+
+  static void apply(const Tensor& x, const BnShape& s, const Tensor& m, const Tensor& v, const Tensor& w,
+                    const Tensor& b, double eps, double slope_d, int64_t act, Tensor& y) {
+    const ChannelCoeffs<acc_t> k(s, m, v, w, b, eps);
+    const acc_t* const MEAN = k.mean.data();
+    const acc_t* const SCALE = k.scale.data();
+    const acc_t* const SHIFT = k.shift.data();
+    const scalar_t* const X = x.data_ptr<scalar_t>();
+    scalar_t* const Y = y.data_ptr<scalar_t>();
+    const int64_t C = s.C, S = s.S;
+    const acc_t slope = static_cast<acc_t>(slope_d);
+    const bool relu = act == kActRelu;
+    with_flag(act != kActNone, [&](auto masked_t) {
+      constexpr bool kMasked = decltype(masked_t)::value;
+      auto out = [slope, relu](const Vec& z) { return kMasked ? cpu::activate(z, relu, slope) : z; };
+      if (!s.rows) {
+        at::parallel_for(0, s.N * C, std::max<int64_t>(1, 32768 / S), [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t c = p % C;
+            const Vec mv(MEAN[c]), sv(SCALE[c]), bv(SHIFT[c]);
+            const scalar_t* xp = X + p * S;
+            scalar_t* yp = Y + p * S;
+            IO::vec_loop(S, [&](int64_t i, int64_t n) {
+              IO::store(yp + i, out(pre_act(IO::load(xp + i, n), mv, sv, bv)), n);
+            });
+          }
+        });
+      } else {
+        at::parallel_for(0, s.count(), std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* xr = X + r * C;
+            scalar_t* yr = Y + r * C;
+            IO::vec_loop(C, [&](int64_t c, int64_t n) {
+              const Vec z = pre_act(IO::load(xr + c, n), Vec::loadu(MEAN + c, n), Vec::loadu(SCALE + c, n),
+                                    Vec::loadu(SHIFT + c, n));
+              IO::store(yr + c, out(z), n);
+            });
+          }
+        });
+      }
+    });
+  }
+
+  // grad_bias = sum(dz), grad_weight = invstd * sum(dz * (x - mean)), dz = dy * act'(z).
+  static void backward_reduce(const Tensor& dy, const Tensor& x, const BnShape& s, const Tensor& m,
+                              const Tensor& v, const Tensor& w, const Tensor& b, double eps, double slope_d,
+                              int64_t act, Tensor& gw_t, Tensor& gb_t) {
+    const ChannelCoeffs<acc_t> k(s, m, v, w, b, eps);
+    const acc_t* const MEAN = k.mean.data();
+    const acc_t* const SCALE = k.scale.data();
+    const acc_t* const SHIFT = k.shift.data();
+    const scalar_t* const X = x.data_ptr<scalar_t>();
+    const scalar_t* const DY = dy.data_ptr<scalar_t>();
+    const int64_t C = s.C, S = s.S;
+    const acc_t slope = static_cast<acc_t>(slope_d);
+    const bool relu = act == kActRelu;
+    acc_t* const gw = gw_t.data_ptr<acc_t>();
+    acc_t* const gb = gb_t.data_ptr<acc_t>();
+    acc_t* out[2] = {gb, gw};
+    with_flag(act != kActNone, [&](auto masked_t) {
+      constexpr bool kMasked = decltype(masked_t)::value;
+      channel_sums<acc_t, 2>(
+          s,
+          [=](int64_t p, Vec* acc) {
+            const int64_t c = p % C;
+            const Vec mv(MEAN[c]), sv(SCALE[c]), bv(SHIFT[c]);
+            const scalar_t* xp = X + p * S;
+            const scalar_t* dyp = DY + p * S;
+            IO::vec_loop(S, [&](int64_t i, int64_t n) {
+              const Vec xv = IO::load(xp + i, n);
+              Vec dz = IO::load(dyp + i, n);
+              if constexpr (kMasked) dz = cpu::activate_grad(dz, pre_act(xv, mv, sv, bv), relu, slope);
+              dz = IO::keep(dz, n);  // the partial vector's padding lanes: x - mean != 0 there
+              acc[0] += dz;
+              acc[1] += dz * (xv - mv);
+            });
+          },
+          [=](int64_t r0, int64_t r1, acc_t** parts) {
+            acc_t* const p0 = parts[0];
+            acc_t* const p1 = parts[1];
+            for (int64_t r = r0; r < r1; ++r) {
+              const scalar_t* xr = X + r * C;
+              const scalar_t* dyr = DY + r * C;
+              IO::vec_loop(C, [&](int64_t c, int64_t n) {
+                const Vec xv = IO::load(xr + c, n);
+                const Vec mv = Vec::loadu(MEAN + c, n);
+                Vec dz = IO::load(dyr + c, n);
+                if constexpr (kMasked) {
+                  const Vec z = pre_act(xv, mv, Vec::loadu(SCALE + c, n), Vec::loadu(SHIFT + c, n));
+                  dz = cpu::activate_grad(dz, z, relu, slope);
+                }
+                (Vec::loadu(p0 + c, n) + dz).store(p0 + c, static_cast<int>(n));
+                (Vec::loadu(p1 + c, n) + dz * (xv - mv)).store(p1 + c, static_cast<int>(n));
+              });
+            }
+          },
+          out);
+    });
+    for (int64_t c = 0; c < C; ++c) gw[c] *= k.invstd[c];
+  }
+
+  // training: dx = (dz - mean(dz) - (x - mean) * k) * w * invstd with k = invstd * grad_weight / M
+  //           (batch_norm_backward_cpu_template's formula); eval: dx = dz * w * invstd.
+  static void backward_apply(const Tensor& dy, const Tensor& x, const BnShape& s, const Tensor& m,
+                             const Tensor& v, const Tensor& w, const Tensor& b, const Tensor& gw_t,
+                             const Tensor& gb_t, bool training, double eps, double slope_d, int64_t act,
+                             Tensor& dx) {
+    const ChannelCoeffs<acc_t> k(s, m, v, w, b, eps);
+    const int64_t C = s.C, S = s.S;
+    std::vector<acc_t> c1(C), c2(C);
+    const acc_t* gw = gw_t.data_ptr<acc_t>();
+    const acc_t* gb = gb_t.data_ptr<acc_t>();
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(s.count());
+    for (int64_t c = 0; c < C; ++c) {
+      c1[c] = training ? gb[c] * inv_count : acc_t(0);
+      c2[c] = training ? gw[c] * k.invstd[c] * inv_count : acc_t(0);
+    }
+    const acc_t* const MEAN = k.mean.data();
+    const acc_t* const SCALE = k.scale.data();
+    const acc_t* const SHIFT = k.shift.data();
+    const acc_t* const C1 = c1.data();
+    const acc_t* const C2 = c2.data();
+    const scalar_t* const X = x.data_ptr<scalar_t>();
+    const scalar_t* const DY = dy.data_ptr<scalar_t>();
+    scalar_t* const DX = dx.data_ptr<scalar_t>();
+    const acc_t slope = static_cast<acc_t>(slope_d);
+    const bool relu = act == kActRelu;
+    with_flag(act != kActNone, [&](auto masked_t) {
+      with_flag(training, [&](auto training_t) {
+        constexpr bool kMasked = decltype(masked_t)::value;
+        constexpr bool kTraining = decltype(training_t)::value;
+        auto grad = [slope, relu](const Vec& xv, const Vec& dyv, const Vec& mv, const Vec& sv, const Vec& bv,
+                            const Vec& c1v, const Vec& c2v) {
+          Vec dz = dyv;
+          if constexpr (kMasked) dz = cpu::activate_grad(dz, pre_act(xv, mv, sv, bv), relu, slope);
+          if constexpr (kTraining) return (dz - c1v - (xv - mv) * c2v) * sv;
+          return dz * sv;
+        };
+        if (!s.rows) {
+          at::parallel_for(0, s.N * C, std::max<int64_t>(1, 32768 / S), [&](int64_t p0, int64_t p1) {
+            for (int64_t p = p0; p < p1; ++p) {
+              const int64_t c = p % C;
+              const Vec mv(MEAN[c]), sv(SCALE[c]), bv(SHIFT[c]), c1v(C1[c]), c2v(C2[c]);
+              const scalar_t* xp = X + p * S;
+              const scalar_t* dyp = DY + p * S;
+              scalar_t* dxp = DX + p * S;
+              IO::vec_loop(S, [&](int64_t i, int64_t n) {
+                IO::store(dxp + i, grad(IO::load(xp + i, n), IO::load(dyp + i, n), mv, sv, bv, c1v, c2v), n);
+              });
+            }
+          });
+        } else {
+          at::parallel_for(0, s.count(), std::max<int64_t>(1, 32768 / C), [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              const scalar_t* xr = X + r * C;
+              const scalar_t* dyr = DY + r * C;
+              scalar_t* dxr = DX + r * C;
+              IO::vec_loop(C, [&](int64_t c, int64_t n) {
+                const Vec g = grad(IO::load(xr + c, n), IO::load(dyr + c, n), Vec::loadu(MEAN + c, n),
+                                   Vec::loadu(SCALE + c, n), Vec::loadu(SHIFT + c, n), Vec::loadu(C1 + c, n),
+                                   Vec::loadu(C2 + c, n));
+                IO::store(dxr + c, g, n);
+              });
+            }
+          });
+        }
+      });
+    });
+  }
+};
+
+}  // namespace
+
+// The entry points of this ISA (dtype dispatch); CpuKernels (bn_cpu.cpp) picks the ISA.
+namespace GAN_FAST_CPU_NS {
+
+void bn_stats(const Tensor& x, const BnShape& s, Tensor& mean, Tensor& var) {
+  GAN_FAST_DISPATCH(x.scalar_type(), "gan_fast::bn_stats_cpu", [&] { BnCpu<scalar_t>::stats(x, s, mean, var); });
+}
+
+void bn_apply(const Tensor& x, const BnShape& s, const Tensor& mean, const Tensor& var, const Tensor& w,
+              const Tensor& b, double eps, double slope, int64_t act, Tensor& y) {
+  GAN_FAST_DISPATCH(x.scalar_type(), "gan_fast::bn_apply_cpu",
+                    [&] { BnCpu<scalar_t>::apply(x, s, mean, var, w, b, eps, slope, act, y); });
+}
+
+void bn_backward_reduce(const Tensor& dy, const Tensor& x, const BnShape& s, const Tensor& mean,
+                        const Tensor& var, const Tensor& w, const Tensor& b, double eps, double slope,
+                        int64_t act, Tensor& grad_weight, Tensor& grad_bias) {
+  GAN_FAST_DISPATCH(x.scalar_type(), "gan_fast::bn_backward_reduce_cpu", [&] {
+    BnCpu<scalar_t>::backward_reduce(dy, x, s, mean, var, w, b, eps, slope, act, grad_weight, grad_bias);
+  });
+}
+
+void bn_backward_apply(const Tensor& dy, const Tensor& x, const BnShape& s, const Tensor& mean,
+                       const Tensor& var, const Tensor& w, const Tensor& b, const Tensor& grad_weight,
+                       const Tensor& grad_bias, bool training, double eps, double slope, int64_t act,
+                       Tensor& dx) {
+  GAN_FAST_DISPATCH(x.scalar_type(), "gan_fast::bn_backward_apply_cpu", [&] {
+    BnCpu<scalar_t>::backward_apply(dy, x, s, mean, var, w, b, grad_weight, grad_bias, training, eps, slope,
+                                    act, dx);
+  });
+}
+
+}  // namespace GAN_FAST_CPU_NS
+}  // namespace gan_fast
