@@ -20,6 +20,9 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_LOG = os.path.join(ROOT, "build", "gan_fast_ext_build.log")  # gan_fast/backends/ext.py names this path too
+# TORCH_CUDA_ARCH_LIST unless set: SASS for Ampere (sm_80) and Hopper (sm_90), plus compute_90 PTX that
+# the driver JIT-compiles for newer GPUs (Blackwell sm_100 / sm_120). tools/check_cuda_compiles.sh reads it.
+CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _flag(name):
@@ -97,7 +100,7 @@ def extension_setup():
     # no -std: torch's BuildExtension passes the standard its own headers need (C++20 in torch 2.13)
     cxx = ["-O3"]
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
         ext = cpp_extension.CUDAExtension(
             "gan_fast._C", cpp + cu, define_macros=[("GAN_FAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",

@@ -2,8 +2,9 @@
 # Compile-only check of every csrc/cuda/*.cu, for a box with nvcc but no GPU (and possibly a CPU-only
 # torch): each file is compiled to an object in a temporary directory with the flags setup.py's
 # CUDAExtension build uses (torch.utils.cpp_extension's nvcc flags, -O3 --use_fast_math -lineinfo,
-# -DGAN_FAST_WITH_CUDA, sm_80 + sm_90), nothing is linked or run. Exits nonzero, with the compiler
-# output, when any file fails to compile.
+# -DGAN_FAST_WITH_CUDA, the gencodes of setup.py's TORCH_CUDA_ARCH_LIST), nothing is linked or run.
+# Exits nonzero, with the compiler output, when any file fails to compile, or when an object lacks
+# the PTX of an arch listed with +PTX (checked with cuobjdump --list-ptx where cuobjdump is found).
 #
 #   tools/check_cuda_compiles.sh [--werror] [-j JOBS] [--objdir DIR] [FILE.cu ...]
 #
@@ -13,7 +14,9 @@
 #   --objdir DIR  keep the objects in DIR (e.g. to link them against the CPU objects and look for
 #                 duplicate symbols); default: a temporary directory, removed
 #   env NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), PYTHON (default: python),
-#       GAN_FAST_CUDA_ARCHS (default: "80 90")
+#       TORCH_CUDA_ARCH_LIST (default: setup.py's CUDA_ARCH_LIST, e.g. "8.0;9.0+PTX"),
+#       CUOBJDUMP (default: cuobjdump on PATH, else beside nvcc; a full CUDA toolkit has it, and
+#       `pip install nvidia-cuda-cuobjdump` ships one; without it the PTX check is skipped, said so)
 set -euo pipefail
 
 werror=0
@@ -26,7 +29,7 @@ while [ $# -gt 0 ]; do
         -j) shift; jobs="$1" ;;
         --objdir) shift; objdir="$(realpath -m "$1")" ;;
         -j*) jobs="${1#-j}" ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) files+=("$(realpath -m "$1")") ;;
     esac
     shift
@@ -49,6 +52,32 @@ if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
     exit 1
 fi
 PYTHON="${PYTHON:-python}"
+CUOBJDUMP="${CUOBJDUMP:-$(command -v cuobjdump || true)}"
+if [ -z "$CUOBJDUMP" ] && [ -x "$(dirname "$NVCC")/cuobjdump" ]; then CUOBJDUMP="$(dirname "$NVCC")/cuobjdump"; fi
+
+# The archs as torch's build reads TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX", ';' or ' ' between entries):
+# SASS for each, and the PTX too for an entry ending in +PTX.
+arch_list="${TORCH_CUDA_ARCH_LIST:-$(sed -n 's/^CUDA_ARCH_LIST = "\(.*\)".*/\1/p' setup.py)}"
+if [ -z "$arch_list" ]; then
+    echo "check_cuda_compiles: no TORCH_CUDA_ARCH_LIST and no CUDA_ARCH_LIST = \"...\" line in setup.py" >&2
+    exit 1
+fi
+gencodes=()
+sass_archs=()
+ptx_archs=()
+for entry in ${arch_list//;/ }; do
+    if [[ ! "$entry" =~ ^([0-9]+)\.([0-9]+[a-z]?)(\+PTX)?$ ]]; then
+        echo "check_cuda_compiles: cannot read arch '$entry' of TORCH_CUDA_ARCH_LIST='$arch_list'" >&2
+        exit 1
+    fi
+    num="${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
+    gencodes+=("-gencode=arch=compute_$num,code=sm_$num")
+    sass_archs+=("sm_$num")
+    if [ -n "${BASH_REMATCH[3]}" ]; then
+        gencodes+=("-gencode=arch=compute_$num,code=compute_$num")
+        ptx_archs+=("$num")
+    fi
+done
 
 # Torch's include directories, the Python headers, torch's C++ ABI, and whether this torch ships
 # c10/cuda/impl/cuda_cmake_macros.h (CUDA wheels do; CPU wheels ship the c10/cuda headers without
@@ -88,17 +117,18 @@ while read -r key value; do
     esac
 done <<< "$torch_info"
 
-archs="${GAN_FAST_CUDA_ARCHS:-80 90}"
 flags=(-c "-std=$cxx_std" -O3 --use_fast_math -lineinfo -Xcompiler -fPIC -Xcompiler -Wall
        -DGAN_FAST_WITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
        "-D_GLIBCXX_USE_CXX11_ABI=$abi"
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
        -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
-for arch in $archs; do flags+=("-gencode=arch=compute_$arch,code=sm_$arch"); done
+flags+=("${gencodes[@]}")
 if [ "$cmake_macros" = 0 ]; then flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE); fi
 flags+=("${includes[@]}")
 
-echo "check_cuda_compiles: $("$NVCC" --version | tail -n 1); torch $torch_desc; sm_${archs// /, sm_}; ${#files[@]} file(s), $jobs at a time"
+ptx_names=""
+for num in "${ptx_archs[@]}"; do ptx_names+="${ptx_names:+ }compute_$num"; done
+echo "check_cuda_compiles: $("$NVCC" --version | tail -n 1); torch $torch_desc; SASS ${sass_archs[*]}${ptx_names:+, PTX $ptx_names}; ${#files[@]} file(s), $jobs at a time"
 if [ "$cmake_macros" = 0 ]; then
     echo "check_cuda_compiles: this torch has no c10/cuda/impl/cuda_cmake_macros.h (a CPU wheel): -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"
 fi
@@ -108,9 +138,13 @@ trap 'rm -rf "$tmp"' EXIT
 
 if [ -n "$objdir" ]; then mkdir -p "$objdir"; fi
 
+object_of() {  # file index
+    if [ -n "$objdir" ]; then echo "$objdir/$(basename "$1" .cu).o"; else echo "$tmp/$2.o"; fi
+}
+
 compile() {  # file index
-    local src="$1" i="$2" start end rc=0 obj="$tmp/$2.o"
-    if [ -n "$objdir" ]; then obj="$objdir/$(basename "$src" .cu).o"; fi
+    local src="$1" i="$2" start end rc=0 obj
+    obj=$(object_of "$1" "$2")
     start=$(date +%s)
     "$NVCC" "${flags[@]}" -o "$obj" "$src" >"$tmp/$i.log" 2>&1 || rc=$?
     end=$(date +%s)
@@ -139,6 +173,7 @@ done
 
 failed=()
 warned=()
+no_ptx=()
 for i in "${!files[@]}"; do
     wait "${pids[$i]}" || true
     read -r rc secs <"$tmp/$i.rc"
@@ -153,6 +188,16 @@ for i in "${!files[@]}"; do
             cat "$tmp/$i.log"
             warned+=("${files[$i]}")
         fi
+        if [ -n "$CUOBJDUMP" ]; then
+            # one line per embedded PTX, named like "bn_forward_cuda.1.sm_90.ptx" for compute_90
+            ptx_list=$("$CUOBJDUMP" --list-ptx "$(object_of "${files[$i]}" "$i")" 2>&1 || true)
+            for num in "${ptx_archs[@]}"; do
+                if ! grep -qF ".sm_$num.ptx" <<< "$ptx_list"; then
+                    echo "NO PTX ${files[$i]}: no compute_$num PTX in the object (cuobjdump --list-ptx: ${ptx_list:-nothing})"
+                    no_ptx+=("${files[$i]}")
+                fi
+            done
+        fi
     fi
 done
 
@@ -160,8 +205,19 @@ if [ ${#failed[@]} -ne 0 ]; then
     echo "check_cuda_compiles: ${#failed[@]} of ${#files[@]} file(s) failed to compile: ${failed[*]}" >&2
     exit 1
 fi
+if [ ${#no_ptx[@]} -ne 0 ]; then
+    echo "check_cuda_compiles: PTX missing in ${no_ptx[*]} (TORCH_CUDA_ARCH_LIST='$arch_list')" >&2
+    exit 1
+fi
 if [ ${#warned[@]} -ne 0 ] && [ "$werror" = 1 ]; then
     echo "check_cuda_compiles: warnings in ${warned[*]} (--werror)" >&2
     exit 1
 fi
-echo "check_cuda_compiles: all ${#files[@]} file(s) compile"
+if [ ${#ptx_archs[@]} -eq 0 ]; then
+    ptx_note="no arch asks for PTX"
+elif [ -n "$CUOBJDUMP" ]; then
+    ptx_note="each embeds the PTX of $ptx_names"
+else
+    ptx_note="PTX not checked: no cuobjdump (set CUOBJDUMP; pip install nvidia-cuda-cuobjdump ships one)"
+fi
+echo "check_cuda_compiles: all ${#files[@]} file(s) compile; $ptx_note"
