@@ -229,7 +229,7 @@ void bn_backward_apply_cuda(const Tensor& dy, const Tensor& x, const BnShape& s,
                                 acc_t(1) / static_cast<acc_t>(s.count()),
                                 static_cast<acc_t>(slope),
                                 training,
-                                act != kActNone};
+                                static_cast<int>(act)};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const LaunchPlan launch =
       launch_plan<scalar_t>(s, {X, DY, DX}, Pass::kElementwise, "gan_fast::bn_act_backward");
