@@ -28,12 +28,12 @@ def _env(**overrides) -> dict:
 
 
 def _pytest_without_the_extension(env: dict) -> subprocess.CompletedProcess:
-    # tests/backends/test_ext.py's ext tests (-m needs_ext) with gan_fast._C unloadable; nothing but the
-    # conftest's setup hook runs, so this takes the time of collecting one module
-    code = ("import sys; sys.modules['gan_fast._C'] = None\n"
+    # the ext tests (-m needs_ext) of tests/backends/test_ext_*.py with gan_fast._C unloadable; nothing
+    # but the conftest's setup hook runs, so this takes the time of collecting the modules
+    code = ("import glob, sys; sys.modules['gan_fast._C'] = None\n"
             "import pytest\n"
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rfs', '-m', 'needs_ext', "
-            "'tests/backends/test_ext.py']))\n")
+            "*sorted(glob.glob('tests/backends/test_ext_*.py'))]))\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=600)
 
