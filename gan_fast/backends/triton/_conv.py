@@ -19,7 +19,9 @@ arXiv:1410.0759). Three kernels cover every direction of every fused layer:
 
 Both forward kernels can add a bias, store BatchNorm partial statistics from the fp32 accumulator
 (``_batchnorm.store_tile_stats``) and apply an activation before the single store. Every tensor is
-addressed through its strides, so NCHW, channels_last and non-contiguous inputs need no copy.
+addressed through its strides; the launchers still hand the kernels channels_last inputs, their channels
+zero-padded to a multiple of 16, and a channels_last output (``channels_last``: what lets the loads
+vectorize and pipeline), and return the result in the input's memory format.
 """
 from __future__ import annotations
 
@@ -27,31 +29,50 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import conv2d_output_hw, conv_transpose2d_output_hw
 from ._activation import NONE, apply_activation
 from ._batchnorm import new_partials, store_tile_stats
 from ._common import cast_rtne, round_to
-from ._common import INTERPRET, configs, empty_like_format, num_sms, zero_args
+from ._common import INTERPRET, configs, empty_like_format, new_output, num_sms, zero_args
 
 # (BLOCK_M pixels, BLOCK_N output channels, BLOCK_K input channels), num_warps, num_stages.
-# tl.dot needs every block dim >= 16; the 16-wide N tile serves the 3-channel RGB layers.
+# tl.dot needs every block dim >= 16; the 16-wide N tile serves the 3-channel RGB layers. Every config
+# compiles without a register spill for sm_80 and sm_90, fp32 (TF32) included, and BLOCK_M >= 64 keeps
+# sm_90 on wgmma (M = 64 per warp group): `python -m gan_fast.backends.triton.compile_check` checks
+# it. The 128-row conv tiles take 8 warps (4 spilled in fp32), the 64x64 ones 2 stages (3 spilled in
+# the fp32 upsample conv; BLOCK_K 16 spilled in bf16 with Triton 3.6's ptxas); the transposed conv,
+# whose phase and tap indexing holds more registers, gets 4 warps, BLOCK_K 16 and no 128x128 tile.
 _GEMM_GPU = [
-    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 4, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 2),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3),
     ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3),
     ({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 32}, 4, 3),
 ]
+_CONVT_GPU = [
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 4, 2),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, 4, 3),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, 4, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32}, 4, 3),
+]
 _GEMM_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
 # The BatchNorm partials get one row per M tile; sized for the smallest BLOCK_M any config uses.
-_MIN_BLOCK_M = min(c[0]["BLOCK_M"] for c in _GEMM_GPU) if not INTERPRET else _GEMM_INTERPRET["BLOCK_M"]
+_MIN_BLOCK_M = (min(c[0]["BLOCK_M"] for c in _GEMM_GPU + _CONVT_GPU) if not INTERPRET
+                else _GEMM_INTERPRET["BLOCK_M"])
 
 _WGRAD_GPU = [
     ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 4, 3),
-    ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 8, 3),
 ]
 _WGRAD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
+
+# Compile options of every launch, chosen here rather than by Triton's version: its 3.9 warns that the
+# default of FP fusion (a*b+c contracted to one FMA) flips to off in 3.10. On, as in 3.6 and before.
+# compile_check compiles with the same options.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 @triton.jit
@@ -65,6 +86,29 @@ def mma(a, b, acc, DOT_FP32: tl.constexpr, TF32: tl.constexpr):
     if TF32:
         return tl.dot(a, b.to(a.dtype), acc=acc, input_precision="tf32")
     return tl.dot(a, b.to(a.dtype), acc=acc, input_precision="ieee")
+
+
+@triton.jit
+def pixel_coords(rows, ROWS, COLS):
+    """Flat indices of an [N, ROWS, COLS] pixel grid -> (n, row, col)."""
+    col = rows % COLS
+    t = rows // COLS
+    return t // ROWS, t % ROWS, col
+
+
+@triton.jit
+def accumulate_tap(acc, x_row, row_ok, w_col, n_ok, C_in, s_xc, s_wi,
+                   DOT_FP32: tl.constexpr, TF32: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[rows, :] @ w[:, cols] over the C_in channels of one kernel tap, BLOCK_K at a time:
+    x_row / w_col point at channel 0 of each output pixel's input pixel / each output channel."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for c0 in range(0, C_in, BLOCK_K):
+        ck = c0 + offs_k
+        k_ok = ck < C_in
+        a = tl.load(x_row[:, None] + ck[None, :] * s_xc, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_col[None, :] + ck[:, None] * s_wi, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(a, b, acc, DOT_FP32, TF32)
+    return acc
 
 
 def tf32_allowed(x: torch.Tensor, matmul: bool = False) -> bool:
@@ -94,13 +138,9 @@ def _conv2d_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # output pixels (n, oh, ow)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # output channels
-    offs_k = tl.arange(0, BLOCK_K)                     # input channels
     m_ok = offs_m < N * OH * OW
     n_ok = offs_n < C_out
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    nb = t // OH
+    nb, oh, ow = pixel_coords(offs_m, OH, OW)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in range(0, KH):
         # row in the (virtually) upsampled input; nearest x2 reads pixel ihu // 2
@@ -114,14 +154,7 @@ def _conv2d_kernel(
             row_ok = m_ok & h_ok & w_okk
             x_row = x_ptr + nb * s_xn + ih * s_xh + iw * s_xw
             w_col = w_ptr + offs_n * s_wo + kh * s_wh + kw * s_ww
-            for c0 in range(0, C_in, BLOCK_K):
-                ck = c0 + offs_k
-                k_ok = ck < C_in
-                a = tl.load(x_row[:, None] + ck[None, :] * s_xc,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_col[None, :] + ck[:, None] * s_wi,
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = mma(a, b, acc, DOT_FP32, TF32)
+            acc = accumulate_tap(acc, x_row, row_ok, w_col, n_ok, C_in, s_xc, s_wi, DOT_FP32, TF32, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     # The reference conv hands BatchNorm and the activation its output rounded to the tensor's dtype;
@@ -135,7 +168,7 @@ def _conv2d_kernel(
     tl.store(y_ptrs, cast_rtne(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=configs(_GEMM_GPU, _GEMM_INTERPRET, pre_hook=zero_args("cnt_ptr")),
+@triton.autotune(configs=configs(_CONVT_GPU, _GEMM_INTERPRET, pre_hook=zero_args("cnt_ptr")),
                  key=["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "stride_h", "stride_w",
                       "UP", "STATS"])
 @triton.jit
@@ -164,11 +197,7 @@ def _conv_transpose2d_kernel(
     ow0 = (ph_w + pad_w * (stride_w - 1)) % stride_w
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    tw = offs_m % PH_COLS
-    t = offs_m // PH_COLS
-    th = t % PH_ROWS
-    nb = t // PH_ROWS
+    nb, th, tw = pixel_coords(offs_m, PH_ROWS, PH_COLS)
     oh = oh0 + stride_h * th
     ow = ow0 + stride_w * tw
     m_ok = (nb < N) & (oh < OH) & (ow < OW)
@@ -191,14 +220,8 @@ def _conv_transpose2d_kernel(
                     row_ok = m_ok & h_ok & (iw >= 0) & (iw < W)
                     x_row = x_ptr + nb * s_xn + tl.where(row_ok, ih * s_xh + iw * s_xw, 0)
                     w_col = w_ptr + offs_n * s_wo + kh * s_wh + kw * s_ww
-                    for c0 in range(0, C_in, BLOCK_K):
-                        ck = c0 + offs_k
-                        k_ok = ck < C_in
-                        a = tl.load(x_row[:, None] + ck[None, :] * s_xc,
-                                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                        b = tl.load(w_col[None, :] + ck[:, None] * s_wi,
-                                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                        acc = mma(a, b, acc, DOT_FP32, TF32)
+                    acc = accumulate_tap(acc, x_row, row_ok, w_col, n_ok, C_in, s_xc, s_wi, DOT_FP32, TF32,
+                                         BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     # The reference conv hands BatchNorm and the activation its output rounded to the tensor's dtype;
@@ -245,10 +268,7 @@ def _conv_weight_grad_kernel(
     for r0 in range(r_start, r_end, BLOCK_K):
         r = r0 + offs_k
         r_ok = r < r_end
-        q = r % Q
-        t2 = r // Q
-        p = t2 % P
-        nb = t2 // P
+        nb, p, q = pixel_coords(r, P, Q)
         a = tl.load(a_ptr + offs_m[:, None] * s_ac + (nb * s_an + p * s_ah + q * s_aw)[None, :],
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         ihu = p[:, None] * stride_h - pad_h + kh[None, :]
@@ -262,6 +282,30 @@ def _conv_weight_grad_kernel(
         acc = mma(a, b, acc, DOT_FP32, TF32)
     tl.atomic_add(dw_ptr + offs_m[:, None] * (CB * KH * KW) + offs_j[None, :], acc,
                   mask=m_ok[:, None] & j_ok[None, :])
+
+
+def channels_last(t: torch.Tensor, pad: bool = False) -> torch.Tensor:
+    """t with its channels at stride 1 (a copy unless it is channels_last already), with ``pad`` its
+    channels zero-padded to a multiple of 16. The kernels gather channel rows; only rows Triton can
+    prove contiguous and 16-byte aligned (a channel count it specializes as divisible by 16) load as
+    vectors, and only loads of >= 4 contiguous bytes become the asynchronous copies (cp.async) its
+    software pipeliner overlaps with the MMAs. NCHW or 3-channel 16-bit operands left the conv loops
+    unpipelined; NCHW outputs and 1- or 3-channel inputs made fp32 tiles spill (issue #15's compile
+    check). The copy costs one pass over the tensor; keeping the activations channels_last saves it
+    for all but the image layers."""
+    c = t.shape[1]
+    if pad and c % 16:
+        padded = torch.empty((t.shape[0], c + (-c) % 16, *t.shape[2:]), dtype=t.dtype, device=t.device,
+                             memory_format=torch.channels_last).zero_()
+        padded[:, :c] = t
+        return padded
+    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+
+
+def _in_format_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The kernel's channels_last output y in x's memory format (the ops' contract)."""
+    out = empty_like_format(x, y.shape, y.dtype)
+    return y if out.stride() == y.stride() else out.copy_(y)
 
 
 def _no_partials(device):
@@ -278,12 +322,14 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding,
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     (sh, sw), (ph, pw) = stride, padding
-    OH = (H * upsample + 2 * ph - KH) // sh + 1
-    OW = (W * upsample + 2 * pw - KW) // sw + 1
+    OH, OW = conv2d_output_hw((H * upsample, W * upsample), (KH, KW), stride, padding)
     if OH <= 0 or OW <= 0:
         raise ValueError(f"the kernel {KH}x{KW} is larger than the padded input "
                          f"{H * upsample + 2 * ph}x{W * upsample + 2 * pw}")
-    y = empty_like_format(x, (N, C_out, OH, OW), out_dtype)
+    # zero input channels add nothing: padding C_in to 16 changes no output
+    x_given, x, weight = x, channels_last(x, pad=True), channels_last(weight, pad=True)
+    C_in = x.shape[1]
+    y = new_output((N, C_out, OH, OW), out_dtype or x.dtype, x.device, torch.channels_last)
     M = N * OH * OW
     partials = new_partials(triton.cdiv(M, _MIN_BLOCK_M), C_out, x.device) if stats else None
     cnt, pmean, pm2 = partials if stats else _no_partials(x.device)
@@ -293,8 +339,8 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding,
         N, C_in, H, W, C_out, OH, OW, KH, KW, sh, sw, ph, pw,
         *x.stride(), *weight.stride(), *y.stride(), float(slope),
         UP=upsample, HAS_BIAS=bias is not None, ACT=act, STATS=stats, DOT_FP32=INTERPRET,
-        TF32=tf32_allowed(x) if tf32 is None else tf32)
-    return y, partials
+        TF32=tf32_allowed(x) if tf32 is None else tf32, **COMPILE_OPTIONS)
+    return _in_format_of(x_given, y), partials
 
 
 def conv_transpose2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, out_hw=None,
@@ -308,7 +354,7 @@ def conv_transpose2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride
     _, C_out, KH, KW = weight.shape
     (sh, sw), (ph, pw) = stride, padding
     if out_hw is None:
-        out_hw = ((H - 1) * sh - 2 * ph + KH, (W - 1) * sw - 2 * pw + KW)
+        out_hw = conv_transpose2d_output_hw((H, W), (KH, KW), stride, padding)
     OH, OW = out_hw
     if OH <= 0 or OW <= 0:
         raise ValueError(f"transposed conv output size {OH}x{OW} is not positive")
@@ -319,7 +365,11 @@ def conv_transpose2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride
         # whatever the stride: a stride >= the kernel puts every tap in its own phase, so the
         # layer runs as KH*KW dense [N x Ci] @ [Ci x Co] GEMMs with no masked-out tap iterations.
         sh, sw = max(sh, KH), max(sw, KW)
-    y = empty_like_format(x, (N, C_out, OH, OW), out_dtype)
+    x_given, x = x, channels_last(x, pad=True)
+    if x.shape[1] != C_in:  # zero input channels add nothing
+        weight = torch.cat([weight, weight.new_zeros((x.shape[1] - C_in, *weight.shape[1:]))])
+    C_in, weight = x.shape[1], channels_last(weight)
+    y = new_output((N, C_out, OH, OW), out_dtype or x.dtype, x.device, torch.channels_last)
     ph_rows, ph_cols = triton.cdiv(OH, sh), triton.cdiv(OW, sw)
     M = N * ph_rows * ph_cols
     tiles = triton.cdiv(M, _MIN_BLOCK_M) * sh * sw
@@ -331,18 +381,21 @@ def conv_transpose2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride
         N, C_in, H, W, C_out, OH, OW, KH, KW, sh, sw, ph, pw, ph_rows, ph_cols,
         *x.stride(), *weight.stride(), *y.stride(), float(slope),
         UP=upsample, HAS_BIAS=bias is not None, ACT=act, STATS=stats, DOT_FP32=INTERPRET,
-        TF32=tf32_allowed(x) if tf32 is None else tf32)
-    return y, partials
+        TF32=tf32_allowed(x) if tf32 is None else tf32, **COMPILE_OPTIONS)
+    return _in_format_of(x_given, y), partials
 
 
 def conv_weight_grad(a: torch.Tensor, b: torch.Tensor, kernel_hw, stride, padding, *,
                      upsample: int = 1, tf32: bool | None = None) -> torch.Tensor:
     """fp32 dW[CA, CB, KH, KW] = sum_{n,p,q} a[n, :, p, q] (x) b_up[n, :, p*s - pad + kh, q*s - pad + kw]
     where b_up is b nearest-upsampled by ``upsample``."""
-    N, CA, P, Q = a.shape
-    _, CB, HB, WB = b.shape
+    N, a_channels, P, Q = a.shape
+    _, b_channels, HB, WB = b.shape
     KH, KW = kernel_hw
     (sh, sw), (ph, pw) = stride, padding
+    # zero channels of a or b give zero rows / columns of dw, cut off at the end
+    a, b = channels_last(a, pad=True), channels_last(b, pad=True)
+    (_, CA, _, _), (_, CB, _, _) = a.shape, b.shape
     dw = torch.zeros((CA, CB, KH, KW), device=a.device, dtype=torch.float32)
     R = N * P * Q
     sms = num_sms(a.device)
@@ -356,5 +409,5 @@ def conv_weight_grad(a: torch.Tensor, b: torch.Tensor, kernel_hw, stride, paddin
 
     _conv_weight_grad_kernel[grid](
         a, b, dw, N, CA, P, Q, CB, HB, WB, KH, KW, sh, sw, ph, pw, *a.stride(), *b.stride(),
-        UP=upsample, DOT_FP32=INTERPRET, TF32=tf32_allowed(a) if tf32 is None else tf32)
-    return dw
+        UP=upsample, DOT_FP32=INTERPRET, TF32=tf32_allowed(a) if tf32 is None else tf32, **COMPILE_OPTIONS)
+    return dw if (a_channels, b_channels) == (CA, CB) else dw[:a_channels, :b_channels].contiguous()
