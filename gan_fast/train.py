@@ -163,10 +163,13 @@ class Trainer:
         scaler.step(self.optD)
 
         # (2) Update G: maximize log(D(G(z))), the non-saturating loss of Goodfellow et al.
+        # D is frozen: its weight gradients here would be thrown away by the next D update. It runs
+        # unwrapped: DDP's reducer would wait for those gradients, and there is nothing to all-reduce.
         netG.zero_grad(set_to_none=True)
-        with self.autocast:
-            err_g, out_g = self.d_loss(fake, ones)
-        scaler.scale(err_g).backward()
+        with frozen(self.netD):
+            with self.autocast:
+                err_g, out_g = self.d_loss(fake, ones, self.netD)
+            scaler.scale(err_g).backward()
         scaler.step(self.optG)
         scaler.update()
 
@@ -175,11 +178,13 @@ class Trainer:
                                 torch.sigmoid(out_fake.float()).mean(),
                                 torch.sigmoid(out_g.float()).mean()]).detach()
 
-    def d_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(BCE-with-logits loss of D on x against target, D's logits)."""
+    def d_loss(self, x: torch.Tensor, target: torch.Tensor,
+               netD: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BCE-with-logits loss of D on x against target, D's logits); ``netD``: the module to run,
+        by default self.D (the DDP wrapper under torchrun)."""
         if self.fused_d_head:
             return discriminator_loss(self.netD, x, target, self.bce)
-        logits = self.D(x)
+        logits = (self.D if netD is None else netD)(x)
         return self.bce(logits.float(), target), logits
 
     def noise(self, b: int) -> torch.Tensor:
@@ -449,6 +454,22 @@ class Trainer:
         if self.is_milestone(self.step):
             self.save_samples()
             metrics.plot(os.path.join(cfg.out, "loss.png"))
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """``module``'s parameters take no gradient inside the block, so every autograd node (ATen's and
+    the fused ops', through ctx.needs_input_grad) skips their weight gradients while still passing
+    the input gradient through. stylegan2-ada-pytorch's training loop toggles requires_grad per
+    phase the same way. The flags are restored on the way out."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def prepare_out_dir(out: str, log=print) -> None:
