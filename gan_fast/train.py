@@ -81,7 +81,11 @@ class Trainer:
             # the same Parameter and buffer objects in SyncBatchNorm layers; fuse() keeps them synced
             self.netG = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.netG)
             self.netD = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.netD)
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        # oneDNN's CPU convolutions compute in channels_last, and ext's ops keep their input's layout:
+        # with G, D and the real batch in channels_last, no activation of the step is reordered
+        self.channels_last = cfg.channels_last or (self.backend == "ext" and self.device.type == "cpu"
+                                                   and cfg.arch == "dcgan")
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.netG.to(self.device, memory_format=memory_format)
         self.netD.to(self.device, memory_format=memory_format)
         self.use_cuda_graphs = self._wants_cuda_graphs()
@@ -143,9 +147,9 @@ class Trainer:
     def train_step(self, real_u8: torch.Tensor) -> torch.Tensor:
         """One D update and one G update; returns the step's statistics as one device tensor."""
         cfg, netG, netD, scaler = self.cfg, self.G, self.D, self.scaler
+        if self.channels_last:  # in the float conversion itself, with the strides of NHWC even for 1 channel
+            real_u8 = real_u8.to(torch.float32, memory_format=torch.channels_last)
         real = to_model_input(real_u8)
-        if cfg.channels_last:
-            real = real.contiguous(memory_format=torch.channels_last)
         b = real.shape[0]
         ones = torch.ones(b, device=self.device)
         zeros = torch.zeros(b, device=self.device)

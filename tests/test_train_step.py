@@ -108,3 +108,69 @@ def test_frozen_restores_only_what_it_froze():
     with pytest.raises(RuntimeError), train.frozen(net):
         raise RuntimeError
     assert [p.requires_grad for p in net.parameters()] == [True, True, True, False]
+
+
+# ---------------------------------------------------------------- one layout end to end (#16 item 1)
+
+def _copies_of_a_step(trainer: Trainer) -> list[tuple]:
+    """The shapes copied by aten::copy_ in one training step, outside optimizer.step."""
+    real = next(trainer.data.batches(trainer.cfg.batch_size, 0, 0))
+    trainer.train_step(real)  # the optimizers' state exists: only the step's own work is counted
+    with torch.profiler.profile(record_shapes=True) as prof:
+        trainer.train_step(real)
+
+    def in_optimizer(e):
+        while e is not None and not e.name.startswith("Optimizer.step"):
+            e = e.cpu_parent
+        return e is not None
+
+    return [tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::copy_" and not in_optimizer(e)]
+
+
+def _activation_copies(trainer: Trainer, copies: list[tuple]) -> list[tuple]:
+    """The copies that are none of: a 0-dim scalar (ATen's wrapped numbers), the real batch's one
+    conversion from uint8, a weight-sized copy (a weight gradient put in its weight's layout)."""
+    cfg = trainer.cfg
+    real = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
+    weights = {tuple(p.shape) for p in (*trainer.netG.parameters(), *trainer.netD.parameters())}
+    rest = [s for s in copies if s and s not in weights]
+    assert real in rest, "the real batch is converted to float once"
+    rest.remove(real)
+    return rest
+
+
+# batch 10: no activation has the shape of a weight
+LAYOUT = dict(image_size=16, nz=8, ngf=4, ndf=6, batch_size=10)
+
+
+@needs_ext
+def test_fused_cpu_step_copies_no_activation(tmp_path):
+    trainer = _trainer(tmp_path, "ext", channels=3, **LAYOUT)
+    assert trainer.channels_last and all(p.is_contiguous(memory_format=torch.channels_last)
+                                         for p in trainer.netD.parameters() if p.dim() == 4)
+    copies = _copies_of_a_step(trainer)
+    assert _activation_copies(trainer, copies) == []
+    # what remains: the real batch's conversion, 5 scalars, and the weight-gradient copies inside
+    # ATen's convolution_backward (one per weight gradient: 3 of G, 2 x 2 of D's convs) and
+    # gan_fast::d_head_bce_backward (2, then AccumulateGrad's into the channels_last weight)
+    assert len(copies) <= 16, copies
+
+
+@needs_ext
+@pytest.mark.xfail(strict=True, reason="csrc conv_format(): a 1-channel input is NCHW- and NHWC-contiguous "
+                                       "at once, and conv_act returns NCHW where ATen's convolution "
+                                       "computed NHWC (D's first layer, and its backward)")
+def test_fused_cpu_step_copies_no_activation_with_one_channel(tmp_path):
+    trainer = _trainer(tmp_path, "ext", channels=1, **LAYOUT)
+    assert _activation_copies(trainer, _copies_of_a_step(trainer)) == []
+
+
+def test_reference_step_keeps_nchw(tmp_path):
+    """The default path is as it was: NCHW parameters and batches unless --channels-last."""
+    trainer = _trainer(tmp_path, "reference", channels=3, **LAYOUT)
+    seen = []
+    trainer.netD.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    assert not trainer.channels_last
+    assert all(p.is_contiguous() for p in (*trainer.netG.parameters(), *trainer.netD.parameters()))
+    trainer.train_step(next(trainer.data.batches(trainer.cfg.batch_size, 0, 0)))
+    assert seen == [True] * 3
