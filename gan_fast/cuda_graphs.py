@@ -12,6 +12,9 @@ What capture needs from the step, and how it is met:
   safe: each replay advances its Philox offset);
 - optimizers whose step is capturable: Adam(capturable=True) keeps its step count on the device;
 - static shapes: the loop only ever yields full batches (the last partial batch is dropped);
+- host-side decisions made the same way at every call: D's requires_grad, switched off for the G
+  update and back on within the step, shapes the autograd graph while it is recorded, so the capture
+  holds the G update without D's weight gradients and every replay runs exactly that;
 - no GradScaler (fp16 loss scaling decides on the host whether to skip a step): --amp fp16 runs
   without graphs.
 

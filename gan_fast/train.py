@@ -428,6 +428,7 @@ class Trainer:
         cfg = self.cfg
         os.makedirs(cfg.out, exist_ok=True)
         resolved = {**cfg.to_dict(), "backend_resolved": self.backend, "device_resolved": str(self.device),
+                    "channels_last_resolved": self.channels_last,
                     "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                     "world_size": self.dist.world_size, "global_batch": self.global_batch,
                     "torch": torch.__version__, "gan_fast": __version__}
