@@ -60,6 +60,7 @@ QUICK_COMPILE_OP = "conv2d_bn_leaky_relu"
 # Batch of the DCGAN-64 op cases on a CPU: at batch 128 the CPU run would take far more than its
 # 10-minute budget on 2 cores.
 CPU_DCGAN64_OP_BATCH = 16
+CPU_DCGAN64_STEP_BATCH = 16  # the whole step at batch 16: a few seconds a step on 2 cores
 
 _OP_OF_FUSED = {
     "FusedConvTranspose2dBatchNormReLU": "conv_transpose2d_bn_relu",
@@ -194,7 +195,9 @@ def default_cases(device: torch.device | str, quick: bool = False) -> list[Case]
                  step_case("dcgan64", 1024, "bf16"), step_case("digits", 64)]
     else:
         ops = op_cases("digits", 64) + op_cases("dcgan64", CPU_DCGAN64_OP_BATCH)
-        steps = [step_case("digits", 64)]
+        # issue #16's CPU targets: the digits default and DCGAN-64 at batch 16, in fp32 and bf16
+        steps = [step_case("digits", 64), step_case("digits", 64, "bf16"),
+                 step_case("dcgan64", CPU_DCGAN64_STEP_BATCH), step_case("dcgan64", CPU_DCGAN64_STEP_BATCH, "bf16")]
     return ops + steps
 
 
