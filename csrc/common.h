@@ -294,9 +294,13 @@ void bn_update_stats(Tensor& running_mean, Tensor& running_var, const Tensor& me
 // activation then runs in place on the freshly allocated output, one read and one write.
 
 inline at::MemoryFormat conv_format(const Tensor& x) {
-  return (!x.is_contiguous() && (x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.stride(1) == 1))
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
+  // One channel is contiguous in both formats; its strides still say which one it was made in, and
+  // ATen's convolution follows them (suggest_memory_format): NHWC strides give a channels_last output.
+  if (x.is_contiguous())
+    return (x.size(1) == 1 && x.stride(1) == 1 && x.size(2) * x.size(3) > 1) ? at::MemoryFormat::ChannelsLast
+                                                                             : at::MemoryFormat::Contiguous;
+  return (x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.stride(1) == 1) ? at::MemoryFormat::ChannelsLast
+                                                                               : at::MemoryFormat::Contiguous;
 }
 
 inline void check_conv_args(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -488,10 +492,11 @@ std::tuple<Tensor, Tensor> d_head_backward(const Tensor& grad_loss, const Tensor
   Tensor g = grad_loss.to(acc).reshape({});
   Tensor l = logits.contiguous();
   Tensor grad_x = output_mask[0] ? new_output(at::empty_like(xw.first)) : at::empty({0}, x.options());
-  // grad_w in w_'s layout, then the weight's own: the Parameter is NCHW-contiguous.
+  // grad_w in w_'s layout, then the weight's own (channels_last in a channels_last model), so that
+  // AccumulateGrad does not copy it again.
   Tensor grad_w = output_mask[1] ? new_output(at::empty_like(xw.second)) : at::empty({0}, x.options());
   K::d_head_backward(g, xw.first, xw.second, t, l, output_mask[0], output_mask[1], grad_x, grad_w);
-  if (output_mask[1]) grad_w = grad_w.contiguous();
+  if (output_mask[1]) grad_w = grad_w.contiguous(conv_format(weight));
   return {grad_x, grad_w};
 }
 

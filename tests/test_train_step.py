@@ -157,9 +157,6 @@ def test_fused_cpu_step_copies_no_activation(tmp_path):
 
 
 @needs_ext
-@pytest.mark.xfail(strict=True, reason="csrc conv_format(): a 1-channel input is NCHW- and NHWC-contiguous "
-                                       "at once, and conv_act returns NCHW where ATen's convolution "
-                                       "computed NHWC (D's first layer, and its backward)")
 def test_fused_cpu_step_copies_no_activation_with_one_channel(tmp_path):
     trainer = _trainer(tmp_path, "ext", channels=1, **LAYOUT)
     assert _activation_copies(trainer, _copies_of_a_step(trainer)) == []

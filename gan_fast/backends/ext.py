@@ -311,7 +311,10 @@ def _dense_like(x: Tensor) -> Tensor:
 
 def _conv_format(x: Tensor) -> torch.memory_format:
     """csrc/common.h conv_format."""
-    if not x.is_contiguous() and (x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) == 1):
+    if x.is_contiguous():
+        one_channel_nhwc = x.shape[1] == 1 and x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1
+        return torch.channels_last if one_channel_nhwc else torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) == 1:
         return torch.channels_last
     return torch.contiguous_format
 
@@ -474,7 +477,8 @@ def _register() -> None:
     def _(grad_loss, x, weight, target, logits, output_mask):
         _check_devices("d_head_bce_backward", x, grad_loss=grad_loss, weight=weight, target=target, logits=logits)
         return (torch.empty_like(_dense_like(x)) if output_mask[0] else x.new_empty((0,)),  # never one shared
-                x.new_empty(weight.shape) if output_mask[1] else x.new_empty((0,)))     # [0]: see conv_act_backward
+                torch.empty(weight.shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(weight))
+                if output_mask[1] else x.new_empty((0,)))  # never one shared [0]: see conv_act_backward
 
     def head_setup(ctx, inputs, output):
         x, weight, target = inputs
