@@ -31,12 +31,22 @@
 #define GAN_FAST_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// The CPU BatchNorm kernels get a second, AVX2 + FMA build (csrc/cpu/bn_cpu_avx2.cpp, chosen at run
-// time) where `#pragma GCC target` can give one: GCC on x86-64.
+// The CPU BatchNorm kernels get AVX2 + FMA and AVX-512 builds besides the baseline one
+// (csrc/cpu/bn_cpu_avx2.cpp, bn_cpu_avx512.cpp, chosen at run time by csrc/cpu/bn_cpu.cpp) where
+// `#pragma GCC target` can give them: GCC on x86-64. The bfloat16 kernels get one more AVX-512 build
+// with AVX512_BF16's conversion instruction (bn_cpu_avx512_bf16.cpp) where GCC knows the target
+// (GCC 10 and later).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define GAN_FAST_CPU_AVX2_TU 1
+#define GAN_FAST_CPU_AVX512_TU 1
 #else
 #define GAN_FAST_CPU_AVX2_TU 0
+#define GAN_FAST_CPU_AVX512_TU 0
+#endif
+#if GAN_FAST_CPU_AVX512_TU && __GNUC__ >= 10
+#define GAN_FAST_CPU_AVX512_BF16_TU 1
+#else
+#define GAN_FAST_CPU_AVX512_BF16_TU 0
 #endif
 
 namespace gan_fast {
@@ -177,6 +187,9 @@ inline void check_act(int64_t act, double slope, const char* op, bool allow_tanh
 struct CpuKernels {
   GAN_FAST_KERNEL_DECLS;
 };
+// Which build of the CPU BatchNorm kernels a dtype runs in this process ("default", "avx2",
+// "avx512", "avx512_bf16"; csrc/cpu/bn_cpu.cpp), for the tests and the benchmarks.
+const char* cpu_kernel_isa(at::ScalarType dtype);
 struct CudaKernels {
   GAN_FAST_KERNEL_DECLS;
 };

@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "common.h"
 
 extern "C" {
@@ -50,4 +52,7 @@ TORCH_LIBRARY(gan_fast, m) {
   // Testing hook: NaN-fill every kernel output before the kernel writes it (common.h new_output).
   m.def("set_poison_outputs(bool enabled) -> ()",
         [](bool enabled) { gan_fast::poison_outputs_flag().store(enabled); });
+  // Testing hook: the build of the CPU BatchNorm kernels that dtype runs (csrc/cpu/bn_cpu.cpp).
+  m.def("cpu_kernel_isa(ScalarType dtype) -> str",
+        [](c10::ScalarType dtype) { return std::string(gan_fast::cpu_kernel_isa(dtype)); });
 }

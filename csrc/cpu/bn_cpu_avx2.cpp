@@ -4,33 +4,7 @@
 #include "../common.h"
 
 #if GAN_FAST_CPU_AVX2_TU
-
-// Everything other translation units also compile (ATen, c10, the standard library) is included
-// first, with the default target: an inline function compiled here with AVX2 could otherwise be the
-// copy the linker keeps for the whole library and fault on a CPU without AVX2. After the pragma come
-// only at::vec (which lives in the at::vec::AVX2 namespace once CPU_CAPABILITY says so) and this
-// file's own kernels (internal linkage).
-#include <ATen/Dispatch.h>
-#include <ATen/NumericUtils.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/native/Math.h>
-#include <ATen/native/cpu/zmath.h>
-#include <c10/util/BFloat16-math.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <c10/util/Load.h>
-#include <c10/util/TypeCast.h>
-#include <c10/util/copysign.h>
-#include <c10/util/irange.h>
-
-#include <algorithm>
-#include <array>
-#include <cmath>
-#include <cstring>
-#include <functional>
-#include <type_traits>
-#include <vector>
+#include "isa_prelude.h"
 
 // The instruction set of ATen's own AVX2 kernels (cmake/Codegen.cmake: -mavx2 -mfma -mf16c -mbmi
 // -mbmi2); bn_cpu.cpp checks the CPU has each before it runs this build.

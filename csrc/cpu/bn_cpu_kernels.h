@@ -1,13 +1,16 @@
 // The BatchNorm + activation CPU kernels (forward statistics, normalize + activation, backward
-// reduction, backward elementwise), written once over at::vec and compiled twice: by bn_cpu.cpp
-// for the baseline ISA and by bn_cpu_avx2.cpp for AVX2 + FMA, which bn_cpu.cpp picks at run time.
+// reduction, backward elementwise), written once over at::vec and compiled once per ISA: by
+// bn_cpu.cpp for the baseline, bn_cpu_avx2.cpp for AVX2 + FMA, bn_cpu_avx512.cpp for AVX-512 (and
+// bn_cpu_avx512_bf16.cpp for bfloat16 with AVX512_BF16), which bn_cpu.cpp picks at run time.
 // An extension is built with the compiler's default flags (x86-64: SSE2), where at::vec is its
 // generic fallback: element loops with a branch per lane for every comparison, max and blend, which
 // made these kernels 5-10x slower than ATen's own (runtime-dispatched AVX2) batch_norm. ATen solves
 // this by compiling its kernels once per CPU capability (DispatchStub); this is the same scheme.
 //
-// The including translation unit defines GAN_FAST_CPU_NS (the namespace of the entry points below)
-// and, for AVX2, CPU_CAPABILITY / CPU_CAPABILITY_AVX2 and the target pragma before this header.
+// The including translation unit defines GAN_FAST_CPU_NS (the namespace of the entry points below),
+// optionally GAN_FAST_CPU_DISPATCH (the dtypes it compiles; GAN_FAST_DISPATCH's by default) and, for
+// an ISA build, CPU_CAPABILITY / CPU_CAPABILITY_<ISA> and the target pragma before this header.
+// Statistics and gradient sums accumulate in acc_t (float for bfloat16 and half), whatever the ISA.
 //
 // Parallel plan (the split of ATen's aten/src/ATen/native/cpu/batch_norm_kernel.cpp):
 //   planes [N, C, S]: one task per (n, c) plane, vectorized along S; per-plane partial sums are
@@ -26,6 +29,10 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#ifndef GAN_FAST_CPU_DISPATCH
+#define GAN_FAST_CPU_DISPATCH GAN_FAST_DISPATCH
+#endif
 
 namespace gan_fast {
 // Internal linkage: each translation unit (ISA) keeps its own copy of these templates, so the
@@ -382,19 +389,19 @@ struct BnCpu {
 namespace GAN_FAST_CPU_NS {
 
 void bn_stats(const Tensor& x, const BnShape& s, Tensor& mean, Tensor& var) {
-  GAN_FAST_DISPATCH(x.scalar_type(), "gan_fast::bn_stats_cpu", [&] { BnCpu<scalar_t>::stats(x, s, mean, var); });
+  GAN_FAST_CPU_DISPATCH(x.scalar_type(), "gan_fast::bn_stats_cpu", [&] { BnCpu<scalar_t>::stats(x, s, mean, var); });
 }
 
 void bn_apply(const Tensor& x, const BnShape& s, const Tensor& mean, const Tensor& var, const Tensor& w,
               const Tensor& b, double eps, double slope, int64_t act, Tensor& y) {
-  GAN_FAST_DISPATCH(x.scalar_type(), "gan_fast::bn_apply_cpu",
+  GAN_FAST_CPU_DISPATCH(x.scalar_type(), "gan_fast::bn_apply_cpu",
                     [&] { BnCpu<scalar_t>::apply(x, s, mean, var, w, b, eps, slope, act, y); });
 }
 
 void bn_backward_reduce(const Tensor& dy, const Tensor& x, const BnShape& s, const Tensor& mean,
                         const Tensor& var, const Tensor& w, const Tensor& b, double eps, double slope,
                         int64_t act, Tensor& grad_weight, Tensor& grad_bias) {
-  GAN_FAST_DISPATCH(x.scalar_type(), "gan_fast::bn_backward_reduce_cpu", [&] {
+  GAN_FAST_CPU_DISPATCH(x.scalar_type(), "gan_fast::bn_backward_reduce_cpu", [&] {
     BnCpu<scalar_t>::backward_reduce(dy, x, s, mean, var, w, b, eps, slope, act, grad_weight, grad_bias);
   });
 }
@@ -403,7 +410,7 @@ void bn_backward_apply(const Tensor& dy, const Tensor& x, const BnShape& s, cons
                        const Tensor& var, const Tensor& w, const Tensor& b, const Tensor& grad_weight,
                        const Tensor& grad_bias, bool training, double eps, double slope, int64_t act,
                        Tensor& dx) {
-  GAN_FAST_DISPATCH(x.scalar_type(), "gan_fast::bn_backward_apply_cpu", [&] {
+  GAN_FAST_CPU_DISPATCH(x.scalar_type(), "gan_fast::bn_backward_apply_cpu", [&] {
     BnCpu<scalar_t>::backward_apply(dy, x, s, mean, var, w, b, grad_weight, grad_bias, training, eps, slope,
                                     act, dx);
   });

@@ -1,8 +1,8 @@
 """The ``ext`` backend: the fused ops of docs/ops.md on the C++/CUDA extension ``gan_fast._C``.
 
 ``gan_fast._C`` (csrc/) registers a small operator library ``torch.ops.gan_fast`` with CPU kernels
-(at::parallel_for + at::vec; the BatchNorm ones built for the baseline ISA and for AVX2, picked at
-run time like ATen's own) and CUDA kernels:
+(at::parallel_for + at::vec; the BatchNorm ones built for the baseline ISA, AVX2 and AVX-512, picked
+at run time like ATen's own; ``cpu_kernel_isa`` names the pick) and CUDA kernels:
 
 - ``bn_act`` / ``bn_act_backward``: BatchNorm (training: batch statistics; eval: running statistics)
   fused with ReLU / LeakyReLU / nothing; the backward is one reduction pass (sum dz, sum dz * xhat)
@@ -40,7 +40,7 @@ __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv
            "upsample_conv2d_bn_relu"]
 
 OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_backward", "bce_with_logits",
-       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "set_poison_outputs")
+       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "set_poison_outputs", "cpu_kernel_isa")
 
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"
 # Where setup.py writes each build's full output, compiler errors included (pip hides it; a failed
@@ -99,6 +99,12 @@ def set_poison_outputs(enabled: bool) -> None:
     """Testing hook: while enabled, every buffer an extension kernel is to fill starts as NaN, so an
     element a kernel forgets to write fails a comparison instead of passing on stale memory."""
     _ops().set_poison_outputs(bool(enabled))
+
+
+def cpu_kernel_isa(dtype: torch.dtype) -> str:
+    """Which build of the CPU BatchNorm kernels ``dtype`` runs in this process: "default", "avx2",
+    "avx512" or "avx512_bf16" (csrc/cpu/bn_cpu.cpp, which also says how to force each)."""
+    return _ops().cpu_kernel_isa(dtype)
 
 
 def _as_target(target, like: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """The ``ext`` backend (gan_fast.backends.ext over the C++ extension built from csrc/) against the compositions
 of nn modules it replaces (docs/ops.md): outputs, every gradient, running statistics over several
 training steps then eval, in every memory layout; bf16 accuracy against an fp64 reference;
-torch.compile; the baseline-ISA build of the CPU kernels. test_ext_library.py checks the ops'
+torch.compile; each ISA build of the CPU kernels (baseline, AVX2, AVX-512). test_ext_library.py checks the ops'
 torch.library registrations, test_ext_errors.py bad inputs and the missing extension.
 
 Run on the CPU here and on CUDA where there is one (tests.backends.utils.DEVICE), except the ISA test,
@@ -422,44 +422,149 @@ def test_torch_compile_fullgraph():
 
 
 # ------------------------------------------------------------------------------------------------
-# The baseline-ISA build of the CPU kernels.
+# Each ISA build of the CPU BatchNorm kernels (csrc/cpu/bn_cpu.cpp): baseline, AVX2, AVX-512, and
+# AVX-512 with AVX512_BF16's conversion instruction for bfloat16. A process runs one build per
+# dtype, so each is forced in a subprocess: ATEN_CPU_CAPABILITY=default / avx2 / avx512 caps ATen and
+# gan_fast alike; GAN_FAST_CPU_NO_AVX512_BF16=1 keeps bfloat16 off AVX512_BF16 (what a CPU without
+# it runs). A build this CPU cannot run is skipped (the subprocess reports the one it ran).
 
-def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+ISA_BUILDS = {  # name (gan_fast.backends.ext.cpu_kernel_isa) -> the environment that forces it
+    "default": {"ATEN_CPU_CAPABILITY": "default"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "GAN_FAST_CPU_NO_AVX512_BF16": "1"},
+    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512"},
+}
+
+# Run in each subprocess: bn_act + LeakyReLU forward and backward (training) over channels 3 / 37 /
+# 63, batch 1-3, NCHW and channels_last, fp32 and bf16 (5x7 planes: whole and partial vectors of
+# every width); then eval-mode bf16 outputs of zeros plus a bias holding float values that stress
+# the float -> bfloat16 rounding (ties, subnormals, overflow, NaN): y = bias exactly before rounding.
+_ISA_CODE = """
+import sys, torch
+import gan_fast.backends.ext as ext
+out = {"isa": {str(d): ext.cpu_kernel_isa(d) for d in (torch.float32, torch.bfloat16)}, "cases": []}
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for c in (3, 37, 63):
+        for n in (1, 2, 3):
+            for layout in ("contiguous", "channels_last"):
+                x = torch.randn((n, c, 5, 7), generator=gen).to(dtype)
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                g = torch.rand(c, generator=gen) + 0.5
+                b = torch.randn(c, generator=gen)
+                dy = torch.randn((n, c, 5, 7), generator=gen).to(dtype)
+                rm, rv = torch.zeros(c), torch.ones(c)
+                xg, gg, bg = (t.clone().requires_grad_() for t in (x, g, b))
+                y = ext._bn_act(xg, gg, bg, rm, rv, True, 0.1, 1e-5, ext.ACT_LEAKY_RELU, 0.2)
+                grads = torch.autograd.grad(y, [xg, gg, bg], dy)
+                out["cases"].append(dict(dtype=dtype, c=c, n=n, layout=layout, x=x, g=g, b=b, dy=dy,
+                                         y=y.detach(), dx=grads[0], dg=grads[1], db=grads[2], rm=rm, rv=rv))
+bits = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F80FFFF, 0x7F7FFFFF, 0x7F7F8000, 0x00000001, 0x00008000,
+        0x00018000, 0x007FFFFF, 0x807FFFFF, 0x80008000, 0x00800000, 0x7F800000, 0xFF800000, 0x7FC00001,
+        0xFFA00000, 0x7F800001, 0x00000000, 0x3EAAAAAB, 0xBEAAAAAB, 0x3F7FFFFF]
+bits += torch.randint(0, 2 ** 32, (41,), generator=gen).tolist()  # 63 channels: 16 + 16 + 16 + 15 lanes
+bias = torch.tensor([v - 2 ** 32 if v >= 2 ** 31 else v for v in bits], dtype=torch.int32).view(torch.float32)
+c = bias.numel()
+for layout in ("contiguous", "channels_last"):
+    x = torch.zeros((2, c, 5, 7), dtype=torch.bfloat16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    # running_var + eps == 1 exactly: invstd 1, so z = (0 - 0) * 1 + bias = bias
+    y = ext._bn_act(x, torch.ones(c), bias, torch.zeros(c), torch.full((c,), 0.75), False, 0.1, 0.25, 0, 0.0)
+    out["round_" + layout] = (bias, y)
+torch.save(out, sys.argv[1])
+"""
+
+
+def _bf16_bits_c10(v: torch.Tensor) -> torch.Tensor:
+    """c10::BFloat16's float -> bfloat16 (round_to_nearest_even, every NaN 0x7FC0), as int64 bits."""
+    u = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return torch.where(torch.isnan(v), torch.full_like(r, 0x7FC0), r)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16).to(torch.int64) & 0xFFFF if t.dtype == torch.bfloat16 else t.view(torch.int32)
+
+
+@pytest.fixture(scope="module")
+def isa_runs(tmp_path_factory):
+    """name -> the subprocess's results, for each build this CPU runs."""
+    runs = {}
+    for name, env in ISA_BUILDS.items():
+        path = tmp_path_factory.mktemp("isa") / f"{name}.pt"
+        r = subprocess.run([sys.executable, "-c", _ISA_CODE, str(path)], capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "PYTHONPATH": ROOT + os.pathsep +
+                                             os.environ.get("PYTHONPATH", ""), **env})
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        out = torch.load(path, weights_only=False)
+        if out["isa"][str(torch.bfloat16)] == name:
+            runs[name] = out
+    return runs
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
 
 
 @needs_ext
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="this process already runs the baseline build of the CPU kernels")
-def test_baseline_isa_build_of_the_cpu_kernels():
-    # The BN kernels are compiled for the baseline ISA and for AVX2 (csrc/bn_cpu_avx2.cpp), chosen by
-    # ATen's CPU capability: ATEN_CPU_CAPABILITY=default runs the build every other test here skips.
-    code = """
-import torch, torch.nn.functional as F
-import gan_fast.backends.ext as ext
-assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
-torch.manual_seed(0)
-for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)):
-    for layout in ("contiguous", "channels_last", "rows"):
-        shape = (24, 37) if layout == "rows" else (3, 37, 5, 7)
-        x = torch.randn(shape, dtype=torch.float64)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = x.to(dtype).requires_grad_()
-        pdt = torch.float64 if dtype == torch.float64 else torch.float32  # BN parameters: fp32 under autocast
-        g, b = (torch.rand(37) + 0.5).to(pdt).requires_grad_(), torch.randn(37).to(pdt).requires_grad_()
-        rm, rv = torch.zeros(37, dtype=pdt), torch.ones(37, dtype=pdt)
-        y = ext._bn_act(x, g, b, rm, rv, True, 0.1, 1e-5, ext.ACT_LEAKY_RELU, 0.2)
-        x64, g64, b64 = (t.detach().double().requires_grad_() for t in (x, g, b))
-        y64 = F.leaky_relu(F.batch_norm(x64, None, None, g64, b64, True, 0.1, 1e-5), 0.2)
-        dy = torch.randn(shape, dtype=torch.float64)
-        got = torch.autograd.grad(y, [x, g, b], dy.to(dtype))
-        want = torch.autograd.grad(y64, [x64, g64, b64], dy)
-        for a, e in zip((y, *got), (y64, *want)):
-            err = (a.double() - e).abs().max().item() / e.abs().max().item()
-            assert err < tol, (dtype, layout, err)
-print("ok")
-"""
-    r = _run(code, {"ATEN_CPU_CAPABILITY": "default"})
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+def test_each_isa_build_is_picked_where_the_cpu_has_it(isa_runs):
+    cap = torch.backends.cpu.get_cpu_capability()  # ATen's own pick for this CPU
+    want = {"default"} | ({"avx2"} if cap in ("AVX2", "AVX512") else set()) | ({"avx512"} if cap == "AVX512"
+                                                                             else set())
+    if cap == "AVX512" and "avx512_bf16" in _cpu_flags():
+        want.add("avx512_bf16")
+    assert set(isa_runs) == want
+    for name, out in isa_runs.items():  # fp32 runs the same build, less the bfloat16-only one
+        assert out["isa"][str(torch.float32)] == ("avx512" if name == "avx512_bf16" else name)
+
+
+@needs_ext
+def test_each_isa_build_of_the_bn_kernels_matches_the_reference(isa_runs):
+    from .contract import _agree
+
+    for name, out in isa_runs.items():
+        for k in out["cases"]:
+            dtype, where = k["dtype"], (name, str(k["dtype"]), k["c"], k["n"], k["layout"])
+            ref = {}
+            for rdt in (dtype, torch.float64):
+                pdt = torch.float64 if rdt == torch.float64 else torch.float32  # BN parameters: fp32 under autocast
+                x, g, b = (k[t].detach().to(d).requires_grad_() for t, d in (("x", rdt), ("g", pdt), ("b", pdt)))
+                rm, rv = torch.zeros(k["c"], dtype=pdt), torch.ones(k["c"], dtype=pdt)
+                y = F.leaky_relu(F.batch_norm(x, rm, rv, g, b, True, 0.1, 1e-5), 0.2)
+                ref[rdt] = (y, *torch.autograd.grad(y, [x, g, b], k["dy"].to(rdt)), rm, rv)
+            for i, label in enumerate(("y", "dx", "dg", "db", "rm", "rv")):
+                why = _agree(k[label], ref[dtype][i].to(k[label].dtype), ref[torch.float64][i], dtype)
+                assert why is None, (where, label, why)
+
+
+@needs_ext
+def test_the_isa_builds_agree_with_each_other(isa_runs):
+    # Every output and gradient of every build against the baseline build's: within the contract's
+    # floor (a rounding of the last bit: the builds' statistics sum in a different order, W = 8 lanes
+    # for the baseline and AVX2, 16 for AVX-512, and AVX2 / AVX-512 contract a * b + c into an FMA),
+    # and bit for bit where only the float -> bfloat16 instruction differs (AVX-512 with and without
+    # AVX512_BF16) or where the output is rounded from the same float (the rounding cases).
+    from .contract import FLOOR
+
+    base = isa_runs["default"]
+    for name, out in isa_runs.items():
+        for k, k0 in zip(out["cases"], base["cases"]):
+            for label in ("y", "dx", "dg", "db", "rm", "rv"):
+                got, want = k[label].double(), k0[label].double()
+                err = (got - want).abs().max().item()
+                tol = 2 * FLOOR[k["dtype"]] * want.abs().max().item()
+                assert err <= tol, (name, str(k["dtype"]), k["c"], k["n"], k["layout"], label, err, tol)
+        for layout in ("contiguous", "channels_last"):
+            bias, y = out["round_" + layout]
+            want = _bf16_bits_c10(bias).view(1, -1, 1, 1).expand(y.shape)
+            assert torch.equal(_bits(y), want), (name, layout, "float -> bfloat16 rounding differs from c10's")
+    if "avx512_bf16" in isa_runs and "avx512" in isa_runs:
+        for k, k1 in zip(isa_runs["avx512_bf16"]["cases"], isa_runs["avx512"]["cases"]):
+            for label in ("y", "dx", "dg", "db", "rm", "rv"):
+                assert torch.equal(_bits(k[label]), _bits(k1[label])), (str(k["dtype"]), k["c"], k["n"], label)
