@@ -101,6 +101,15 @@ def set_poison_outputs(enabled: bool) -> None:
     _ops().set_poison_outputs(bool(enabled))
 
 
+# Each build of the CPU BatchNorm kernels (cpu_kernel_isa's names) -> the environment that makes a
+# process run it where the CPU has it (csrc/cpu/bn_cpu.cpp): ATEN_CPU_CAPABILITY caps ATen and
+# gan_fast alike; GAN_FAST_CPU_NO_AVX512_BF16=1 keeps bfloat16 off AVX512_BF16's instruction.
+CPU_ISA_ENV = {"default": {"ATEN_CPU_CAPABILITY": "default"},
+               "avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+               "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "GAN_FAST_CPU_NO_AVX512_BF16": "1"},
+               "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512"}}
+
+
 def cpu_kernel_isa(dtype: torch.dtype) -> str:
     """Which build of the CPU BatchNorm kernels ``dtype`` runs in this process: "default", "avx2",
     "avx512" or "avx512_bf16" (csrc/cpu/bn_cpu.cpp, which also says how to force each)."""

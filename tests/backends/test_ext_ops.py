@@ -424,16 +424,10 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------------------------------------------------
 # Each ISA build of the CPU BatchNorm kernels (csrc/cpu/bn_cpu.cpp): baseline, AVX2, AVX-512, and
 # AVX-512 with AVX512_BF16's conversion instruction for bfloat16. A process runs one build per
-# dtype, so each is forced in a subprocess: ATEN_CPU_CAPABILITY=default / avx2 / avx512 caps ATen and
-# gan_fast alike; GAN_FAST_CPU_NO_AVX512_BF16=1 keeps bfloat16 off AVX512_BF16 (what a CPU without
-# it runs). A build this CPU cannot run is skipped (the subprocess reports the one it ran).
-
-ISA_BUILDS = {  # name (gan_fast.backends.ext.cpu_kernel_isa) -> the environment that forces it
-    "default": {"ATEN_CPU_CAPABILITY": "default"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
-    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "GAN_FAST_CPU_NO_AVX512_BF16": "1"},
-    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512"},
-}
+# dtype, so each is forced in a subprocess by the environment of ext.CPU_ISA_ENV:
+# ATEN_CPU_CAPABILITY=default / avx2 / avx512 caps ATen and gan_fast alike;
+# GAN_FAST_CPU_NO_AVX512_BF16=1 keeps bfloat16 off AVX512_BF16 (what a CPU without it runs). A build
+# this CPU cannot run is left out (the subprocess reports the one it ran).
 
 # Run in each subprocess: bn_act + LeakyReLU forward and backward (training) over channels 3 / 37 /
 # 63, batch 1-3, NCHW and channels_last, fp32 and bf16 (5x7 planes: whole and partial vectors of
@@ -492,7 +486,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def isa_runs(tmp_path_factory):
     """name -> the subprocess's results, for each build this CPU runs."""
     runs = {}
-    for name, env in ISA_BUILDS.items():
+    for name, env in ext.CPU_ISA_ENV.items():
         path = tmp_path_factory.mktemp("isa") / f"{name}.pt"
         r = subprocess.run([sys.executable, "-c", _ISA_CODE, str(path)], capture_output=True, text=True,
                            timeout=600, env={**os.environ, "PYTHONPATH": ROOT + os.pathsep +
