@@ -91,11 +91,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def mean_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    if ctx.enabled:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= ctx.world_size
-    return t
+    return sum_over_ranks(t, None) / ctx.world_size if ctx.enabled else t
 
 
 def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
