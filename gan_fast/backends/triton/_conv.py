@@ -296,8 +296,9 @@ def channels_last(t: torch.Tensor, pad: bool = False) -> torch.Tensor:
     c = t.shape[1]
     if pad and c % 16:
         padded = torch.empty((t.shape[0], c + (-c) % 16, *t.shape[2:]), dtype=t.dtype, device=t.device,
-                             memory_format=torch.channels_last).zero_()
+                             memory_format=torch.channels_last)
         padded[:, :c] = t
+        padded[:, c:].zero_()  # only the padding: the copy writes the rest
         return padded
     return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
 
