@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ..reference import ACT_NONE as NONE  # noqa: F401  (the name _conv.py imports)
-from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, cast_rtne, new_output_like, rows_channels_tile, rows_grid,
-                      tile_pointers)
+from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, COMPILE_OPTIONS, cast_rtne, new_output_like, rows_channels_tile,
+                      rows_grid, tile_pointers)
 
 
 @triton.jit
@@ -93,5 +93,5 @@ def bias_activation_backward(dy: torch.Tensor, y: torch.Tensor, act: int, slope:
     dbias = torch.zeros(C, device=y.device, dtype=torch.float32) if has_bias else dz
     _bias_activation_backward_kernel[rows_grid(y)](
         dy, y, dz, dbias, N * H * W, C, H * W, W, *dy.stride(), *y.stride(), *dz.stride(), slope,
-        ACT=act, HAS_BIAS=has_bias, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+        ACT=act, HAS_BIAS=has_bias, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS, **COMPILE_OPTIONS)
     return dz, (dbias if has_bias else None)

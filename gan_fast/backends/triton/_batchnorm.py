@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ..reference import differentiable_backward, refuse_double_backward_of_sync_bn
 from ._activation import activation_grad, apply_activation
-from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, INTERPRET, cast_rtne, grad_of, new_output, new_output_like,
-                      rows_channels_tile, rows_grid, tile_pointers)
+from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, COMPILE_OPTIONS, INTERPRET, cast_rtne, grad_of, new_output,
+                      new_output_like, rows_channels_tile, rows_grid, tile_pointers)
 
 
 @triton.jit
@@ -171,7 +171,7 @@ def bn_finalize(partials, channels: int, count: int, bn_weight, bn_bias, running
         *out, cnt.shape[0] if partials is not None else 0, channels, float(momentum), float(eps),
         TRAINING=training, HAS_AFFINE=bn_weight is not None, HAS_BETA=bn_bias is not None,
         UPDATE_RUNNING=training and running_mean is not None,
-        BLOCK_T=64 if INTERPRET else 32, BLOCK_C=block_c)
+        BLOCK_T=64 if INTERPRET else 32, BLOCK_C=block_c, **COMPILE_OPTIONS)
     return BatchNormStats(*out, count, process_group)
 
 
@@ -208,7 +208,7 @@ def bn_activation_forward(z: torch.Tensor, stats: BatchNormStats, act: int, slop
     N, C, H, W = z.shape
     _bn_activation_forward_kernel[rows_grid(z)](
         z, out, stats.scale, stats.shift, N * H * W, C, H * W, W, *z.stride(), *out.stride(), slope,
-        ACT=act, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+        ACT=act, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS, **COMPILE_OPTIONS)
     return out
 
 
@@ -281,7 +281,7 @@ def bn_activation_backward(dy: torch.Tensor, z: torch.Tensor, stats: BatchNormSt
     common = (N * H * W, C, H * W, W, *dy.stride(), *z.stride())
     _bn_activation_backward_reduce_kernel[grid](
         dy, z, *stats.tensors(), sums[0], sums[1], *common, slope,
-        ACT=act, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+        ACT=act, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS, **COMPILE_OPTIONS)
     total = sums
     if stats.process_group is not None:
         from ...distributed import sum_over_ranks
@@ -292,7 +292,7 @@ def bn_activation_backward(dy: torch.Tensor, z: torch.Tensor, stats: BatchNormSt
     _bn_activation_backward_dz_kernel[grid](
         dy, z, *stats.tensors(), total[0], total[1], dz, dbias, *common, *dz.stride(), slope,
         1.0 / stats.count, ACT=act, TRAINING=training, BIAS_GRAD=bias_grad,
-        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS, **COMPILE_OPTIONS)
     # gamma and beta get this rank's own sums even when synchronised (see sum_over_ranks)
     if bias_grad:
         return dz, sums[1], sums[0], dbias

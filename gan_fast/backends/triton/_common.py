@@ -17,6 +17,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Compile options of every launch, chosen here rather than by Triton's version: its 3.9 warns that the
+# default of FP fusion (a*b+c contracted to one FMA) flips to off in 3.10. On, as in 3.6 and before;
+# compile_check compiles with the same options.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 # Testing hook: when True every kernel output buffer starts as NaN, so an element a kernel forgets to
 # write fails the comparison instead of passing on whatever the allocator returned.
 POISON_OUTPUTS = False
@@ -92,14 +97,17 @@ def new_output_like(t: torch.Tensor) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
-def configs(gpu: list[tuple[dict, int, int]], interpret: dict, pre_hook=None) -> list[triton.Config]:
-    """Autotune candidates: ``gpu`` as (meta-parameters, num_warps, num_stages), or the single
-    interpreter config. ``pre_hook`` zeroes accumulation buffers before every run of every config:
-    the autotuner benchmarks each config on the real arguments, so atomically accumulated outputs
-    would otherwise carry the sums of the benchmark runs."""
+def configs(gpu: list[tuple], interpret: dict, pre_hook=None) -> list[triton.Config]:
+    """Autotune candidates: ``gpu`` as (meta-parameters, num_warps, num_stages[, maxnreg]), or the
+    single interpreter config. maxnreg (PTX .maxnreg) lets ptxas use that many registers per thread:
+    left to itself it picked 64-128 for some conv tiles and spilled to fit (_conv.py says which).
+    ``pre_hook`` zeroes accumulation buffers before every run of every config: the autotuner
+    benchmarks each config on the real arguments, so atomically accumulated outputs would otherwise
+    carry the sums of the benchmark runs."""
     if INTERPRET:
         return [triton.Config(interpret, num_warps=4, num_stages=1, pre_hook=pre_hook)]
-    return [triton.Config(meta, num_warps=w, num_stages=s, pre_hook=pre_hook) for meta, w, s in gpu]
+    return [triton.Config(meta, num_warps=w, num_stages=s, maxnreg=reg[0] if reg else None, pre_hook=pre_hook)
+            for meta, w, s, *reg in gpu]
 
 
 def zero_args(*names: str):

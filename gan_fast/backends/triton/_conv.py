@@ -33,28 +33,32 @@ from ..reference import conv2d_output_hw, conv_transpose2d_output_hw
 from ._activation import NONE, apply_activation
 from ._batchnorm import new_partials, store_tile_stats
 from ._common import cast_rtne, round_to
-from ._common import INTERPRET, configs, empty_like_format, new_output, num_sms, zero_args
+from ._common import COMPILE_OPTIONS, INTERPRET, configs, empty_like_format, new_output, num_sms, zero_args
 
-# (BLOCK_M pixels, BLOCK_N output channels, BLOCK_K input channels), num_warps, num_stages.
-# tl.dot needs every block dim >= 16; the 16-wide N tile serves the 3-channel RGB layers. Every config
-# compiles without a register spill for sm_80 and sm_90, fp32 (TF32) included, and BLOCK_M >= 64 keeps
-# sm_90 on wgmma (M = 64 per warp group): `python -m gan_fast.backends.triton.compile_check` checks
-# it. The 128-row conv tiles take 8 warps (4 spilled in fp32), the 64x64 ones 2 stages (3 spilled in
-# the fp32 upsample conv; BLOCK_K 16 spilled in bf16 with Triton 3.6's ptxas); the transposed conv,
-# whose phase and tap indexing holds more registers, gets 4 warps, BLOCK_K 16 and no 128x128 tile.
+# (BLOCK_M pixels, BLOCK_N output channels, BLOCK_K input channels), num_warps, num_stages[, maxnreg].
+# tl.dot needs every block dim >= 16; the 32-wide N tile serves the 1- and 3-channel image layers.
+# Every config compiles without a register spill for sm_80 and sm_90, in fp32 (TF32), bf16 and fp16,
+# under Triton 3.6's ptxas and 3.9's, and BLOCK_M >= 64 keeps sm_90 on wgmma (M = 64 per warp group):
+# `python -m gan_fast.backends.triton.compile_check --full` checks it. The 128-row tiles take 8 warps,
+# the 64x64 ones 2 stages, the 128x128 one BLOCK_K 16 (32 spilled in TF32 at 255 registers). The
+# transposed conv gets BLOCK_K 16 and no 128x128 tile. The 4th entry is a register allowance (PTX
+# .maxnreg): left to itself ptxas capped several tiles at 64-128 registers, for occupancy, and spilled
+# 8-84 bytes to fit (TF32 8-warp conv tiles and the narrow image-layer tiles on sm_80); but an
+# allowance is not free either: the same narrow tile spilled under 3.9 on sm_90 with one and under 3.6
+# on sm_80 without, so the image layers' tile is 64x32 rather than 128x16.
 _GEMM_GPU = [
     ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 2),
-    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 32}, 4, 3),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3, 208),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3, 208),
+    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16}, 8, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 3, 168),
 ]
 _CONVT_GPU = [
-    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 4, 2),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, 4, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, 4, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32}, 4, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 4, 2, 168),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, 8, 3, 168),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, 8, 3, 168),
+    ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4, 3, 168),
+    ({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32}, 4, 3, 168),
 ]
 _GEMM_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
 # The BatchNorm partials get one row per M tile; sized for the smallest BLOCK_M any config uses.
@@ -64,15 +68,10 @@ _MIN_BLOCK_M = (min(c[0]["BLOCK_M"] for c in _GEMM_GPU + _CONVT_GPU) if not INTE
 _WGRAD_GPU = [
     ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
     ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 8, 3, 168),  # ptxas's own pick spilled 8 B (fp32, sm_90)
     ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 8, 3),
 ]
 _WGRAD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
-
-# Compile options of every launch, chosen here rather than by Triton's version: its 3.9 warns that the
-# default of FP fusion (a*b+c contracted to one FMA) flips to off in 3.10. On, as in 3.6 and before.
-# compile_check compiles with the same options.
-COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 @triton.jit
@@ -177,6 +176,7 @@ def _conv_transpose2d_kernel(
     N, C_in, H, W, C_out, OH, OW, KH, KW,      # x [N, C_in, H, W], w [C_in, C_out, KH, KW]
     stride_h, stride_w, pad_h, pad_w,
     PH_ROWS, PH_COLS,                          # output rows / cols of the largest phase
+    C_w,                                       # w's output channels, C_out padded to a multiple of 16
     s_xn, s_xc, s_xh, s_xw, s_wi, s_wo, s_wh, s_ww, s_yn, s_yc, s_yh, s_yw,
     slope,
     UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
@@ -197,31 +197,47 @@ def _conv_transpose2d_kernel(
     ow0 = (ph_w + pad_w * (stride_w - 1)) % stride_w
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     nb, th, tw = pixel_coords(offs_m, PH_ROWS, PH_COLS)
     oh = oh0 + stride_h * th
     ow = ow0 + stride_w * tw
     m_ok = (nb < N) & (oh < OH) & (ow < OW)
-    n_ok = offs_n < C_out
+    # The weight is read over its channels padded to C_w (a multiple of 16 with zeros beyond C_out):
+    # an unmasked 16-wide run is what lets the 16-bit loads of a 3-channel layer become cp.async.
+    w_ok = offs_n < C_w
+    # Input row / col of tap (jh, jw) and 2x2 offset (u, v) is base + (u, v) - (jh, jw); the
+    # numerators are >= 0 and divisible by the stride (UP > 1 only with stride 1).
+    base_h = (oh * UP + pad_h - ph_h) // stride_h
+    base_w = (ow * UP + pad_w - ph_w) // stride_w
+    x_base = nb * s_xn + base_h * s_xh + base_w * s_xw
+    w_base = w_ptr + offs_n * s_wo + ph_h * s_wh + ph_w * s_ww
     taps_h = (KH - ph_h + stride_h - 1) // stride_h
     taps_w = (KW - ph_w + stride_w - 1) // stride_w
+    k_steps = tl.cdiv(C_in, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for u in range(0, UP):
-        for v in range(0, UP):
-            # numerators are >= 0 and divisible by the stride (UP > 1 only with stride 1)
-            base_h = (oh * UP + u + pad_h - ph_h) // stride_h
-            base_w = (ow * UP + v + pad_w - ph_w) // stride_w
-            for jh in range(0, taps_h):
-                kh = ph_h + stride_h * jh
-                ih = base_h - jh
-                h_ok = (ih >= 0) & (ih < H)
-                for jw in range(0, taps_w):
-                    kw = ph_w + stride_w * jw
-                    iw = base_w - jw
-                    row_ok = m_ok & h_ok & (iw >= 0) & (iw < W)
-                    x_row = x_ptr + nb * s_xn + tl.where(row_ok, ih * s_xh + iw * s_xw, 0)
-                    w_col = w_ptr + offs_n * s_wo + kh * s_wh + kw * s_ww
-                    acc = accumulate_tap(acc, x_row, row_ok, w_col, n_ok, C_in, s_xc, s_wi, DOT_FP32, TF32,
-                                         BLOCK_K)
+    # One flat loop over (u, v, jh, jw, channel block) rather than five nested ones: the nest kept
+    # every level's induction state and address vectors live (fp32 128x64 tiles spilled up to 640 B
+    # on sm_80) and left Triton's pipeliner an inner loop of a few steps; flat, every step is one
+    # cp.async-able load pair the pipeliner overlaps with the previous MMAs (issue #15).
+    for step in range(0, UP * UP * taps_h * taps_w * k_steps):
+        c0 = (step % k_steps) * BLOCK_K
+        tap = step // k_steps
+        jw = tap % taps_w
+        jh = (tap // taps_w) % taps_h
+        uv = tap // (taps_w * taps_h)
+        dh = uv // UP - jh
+        dw = uv % UP - jw
+        ih = base_h + dh
+        iw = base_w + dw
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ck = c0 + offs_k
+        k_ok = ck < C_in
+        x_rows = x_ptr + tl.where(row_ok, x_base + dh * s_xh + dw * s_xw, 0)
+        a = tl.load(x_rows[:, None] + ck[None, :] * s_xc, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_base[None, :] + (stride_h * jh) * s_wh + (stride_w * jw) * s_ww + ck[:, None] * s_wi,
+                    mask=k_ok[:, None] & w_ok[None, :], other=0.0)
+        acc = mma(a, b, acc, DOT_FP32, TF32)
+    n_ok = offs_n < C_out
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     # The reference conv hands BatchNorm and the activation its output rounded to the tensor's dtype;
@@ -303,6 +319,17 @@ def channels_last(t: torch.Tensor, pad: bool = False) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
 
 
+def strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """t's strides for a kernel, a channels_last t's canonical ones: a size-1 dim (the 1x1 pixels of
+    G's first layer, a 1x1 kernel, batch 1) may carry any stride, and one of 1 there would hide from
+    Triton that every pixel row starts 16 elements apart, which is what lets its 16-bit loads become
+    cp.async (a stride-1 H, W left the MLP's GEMM-shaped transposed convs unpipelined)."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        _, c, _, w = t.shape
+        return t.shape[2] * w * c, 1, w * c, c
+    return t.stride()
+
+
 def _in_format_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The kernel's channels_last output y in x's memory format (the ops' contract)."""
     out = empty_like_format(x, y.shape, y.dtype)
@@ -338,7 +365,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding,
     _conv2d_kernel[grid](
         x, weight, bias if bias is not None else weight, y, cnt, pmean, pm2,
         N, C_in, H, W, C_out, OH, OW, KH, KW, sh, sw, ph, pw,
-        *x.stride(), *weight.stride(), *y.stride(), float(slope),
+        *strides(x), *strides(weight), *strides(y), float(slope),
         UP=upsample, HAS_BIAS=bias is not None, ACT=act, STATS=stats, DOT_FP32=INTERPRET,
         TF32=tf32_allowed(x) if tf32 is None else tf32, **COMPILE_OPTIONS)
     return _in_format_of(x_given, y), partials
@@ -367,8 +394,13 @@ def conv_transpose2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride
         # layer runs as KH*KW dense [N x Ci] @ [Ci x Co] GEMMs with no masked-out tap iterations.
         sh, sw = max(sh, KH), max(sw, KW)
     x_given, x = x, channels_last(x, pad=True)
-    if x.shape[1] != C_in:  # zero input channels add nothing
-        weight = torch.cat([weight, weight.new_zeros((x.shape[1] - C_in, *weight.shape[1:]))])
+    # zero input channels add nothing; zero output channels past C_out are read, never stored
+    C_w = C_out + (-C_out) % 16
+    if (x.shape[1], C_w) != (C_in, C_out):
+        padded = torch.empty((x.shape[1], C_w, KH, KW), dtype=weight.dtype, device=weight.device,
+                             memory_format=torch.channels_last).zero_()
+        padded[:C_in, :C_out] = weight
+        weight = padded
     C_in, weight = x.shape[1], channels_last(weight)
     y = new_output((N, C_out, OH, OW), out_dtype or x.dtype, x.device, torch.channels_last)
     ph_rows, ph_cols = triton.cdiv(OH, sh), triton.cdiv(OW, sw)
@@ -379,8 +411,8 @@ def conv_transpose2d_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]), sh * sw)  # noqa: E731
     _conv_transpose2d_kernel[grid](
         x, weight, bias if bias is not None else weight, y, cnt, pmean, pm2,
-        N, C_in, H, W, C_out, OH, OW, KH, KW, sh, sw, ph, pw, ph_rows, ph_cols,
-        *x.stride(), *weight.stride(), *y.stride(), float(slope),
+        N, C_in, H, W, C_out, OH, OW, KH, KW, sh, sw, ph, pw, ph_rows, ph_cols, C_w,
+        *strides(x), *strides(weight), *strides(y), float(slope),
         UP=upsample, HAS_BIAS=bias is not None, ACT=act, STATS=stats, DOT_FP32=INTERPRET,
         TF32=tf32_allowed(x) if tf32 is None else tf32, **COMPILE_OPTIONS)
     return _in_format_of(x_given, y), partials
@@ -409,6 +441,6 @@ def conv_weight_grad(a: torch.Tensor, b: torch.Tensor, kernel_hw, stride, paddin
         return (triton.cdiv(CA, meta["BLOCK_M"]), triton.cdiv(CB * KH * KW, meta["BLOCK_N"]), split)
 
     _conv_weight_grad_kernel[grid](
-        a, b, dw, N, CA, P, Q, CB, HB, WB, KH, KW, sh, sw, ph, pw, *a.stride(), *b.stride(),
+        a, b, dw, N, CA, P, Q, CB, HB, WB, KH, KW, sh, sw, ph, pw, *strides(a), *strides(b),
         UP=upsample, DOT_FP32=INTERPRET, TF32=tf32_allowed(a) if tf32 is None else tf32, **COMPILE_OPTIONS)
     return dw if (a_channels, b_channels) == (CA, CB) else dw[:a_channels, :b_channels].contiguous()

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .. import reference
 from ..reference import differentiable_backward, loss_dtype
-from ._common import INTERPRET, cast_rtne, check_input, check_tensor, new_output
+from ._common import COMPILE_OPTIONS, INTERPRET, cast_rtne, check_input, check_tensor, new_output
 
 _BLOCK = 1024 if not INTERPRET else 4096
 
@@ -71,7 +71,8 @@ def bce_forward(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """fp32 scalar mean loss of flat contiguous logits and target of equal numel."""
     loss = torch.zeros((), device=logits.device, dtype=torch.float32)
     n = logits.numel()
-    _bce_forward_kernel[(triton.cdiv(n, _BLOCK),)](logits, target, loss, n, 1.0 / n, BLOCK=_BLOCK)
+    _bce_forward_kernel[(triton.cdiv(n, _BLOCK),)](logits, target, loss, n, 1.0 / n, BLOCK=_BLOCK,
+                                                   **COMPILE_OPTIONS)
     return loss
 
 
@@ -83,7 +84,7 @@ def bce_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Te
     dtarget = new_output(n, target.dtype, logits.device) if target_grad else dlogits
     _bce_backward_kernel[(triton.cdiv(n, _BLOCK),)](
         logits, target, grad_loss.contiguous(), dlogits, dtarget, n, 1.0 / n,
-        TARGET_GRAD=target_grad, BLOCK=_BLOCK)
+        TARGET_GRAD=target_grad, BLOCK=_BLOCK, **COMPILE_OPTIONS)
     return dlogits, (dtarget if target_grad else None)
 
 

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from .. import reference
 from ..reference import differentiable_backward, loss_dtype
-from ._common import INTERPRET, cast_rtne, check_input, check_weight, new_output_like, strided_offset
+from ._common import (COMPILE_OPTIONS, INTERPRET, cast_rtne, check_input, check_weight, new_output_like,
+                      strided_offset)
 from .bce_with_logits import bce_backward, bce_forward, check_target
 
 _BLOCK_N, _BLOCK_K = (16, 256) if INTERPRET else (16, 128)
@@ -81,7 +82,7 @@ def d_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     logits = torch.zeros(N, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(N, _BLOCK_N), triton.cdiv(C * H * W, _BLOCK_K))
     _d_head_logits_kernel[grid](x, weight, logits, N, C * H * W, H * W, W, *x.stride(),
-                                *weight.stride()[1:], BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+                                *weight.stride()[1:], BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **COMPILE_OPTIONS)
     return logits
 
 
@@ -94,7 +95,7 @@ def d_head_backward(dlogits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     _d_head_backward_kernel[(triton.cdiv(C * H * W, _BLOCK_K),)](
         x, weight, dlogits, dx_arg, dw_arg, N, C * H * W, H * W, W,
         *x.stride(), *weight.stride()[1:], *dx_arg.stride(), *dw_arg.stride()[1:],
-        X_GRAD=needs[0], W_GRAD=needs[1], BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+        X_GRAD=needs[0], W_GRAD=needs[1], BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **COMPILE_OPTIONS)
     return dx, dw
 
 

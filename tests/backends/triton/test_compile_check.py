@@ -52,3 +52,19 @@ def test_markdown_keeps_other_versions_and_text(tmp_path):
     assert text.startswith("# GPU\n\nthe GPU command\n")
     assert "three-six" in text and "new" in text and "old" not in text
     assert text.count("<!-- compile-budget:start -->") == 1 and text.count("#### Triton 3.9.0") == 1
+
+
+def test_subset_covers_every_config_in_every_dtype():
+    # the fp32 transposed-conv tiles spilled where the bf16 ones of the same config did not: a cover of
+    # configs and dtypes apart (one fp32 compile, one bf16 compile) would have missed them
+    from gan_fast.backends.triton import compile_check as cc
+
+    def job(i, config, dtype):
+        return dict(key=str(i), name="_conv_transpose2d_kernel", dtype=dtype, flags=(), unit=(),
+                    meta={"BLOCK_M": config, "BLOCK_N": 64, "BLOCK_K": 16}, options={"num_warps": 4})
+
+    traced = [job(i, config, dtype) for i, (config, dtype) in
+              enumerate((c, d) for c in (64, 128) for d in ("float32", "bfloat16"))]
+    chosen = cc.select([(j, 80) for j in traced])
+    assert sorted((j["meta"]["BLOCK_M"], j["dtype"]) for j, _ in chosen) == \
+        sorted((c, d) for c in (64, 128) for d in ("float32", "bfloat16"))
