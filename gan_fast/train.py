@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def computes_in_channels_last(backend: str, device_type: str, arch: str) -> bool:
+    """Whether a DCGAN's fused convolutions compute in channels_last, so that the Trainer keeps G, D
+    and the real batch in it (as --channels-last does) and no activation is reordered on the way:
+    oneDNN's CPU convolutions (ext on a CPU; ext's ops keep their input's layout), and the Triton
+    implicit-GEMM convs, whose launchers copy every NCHW operand to channels_last (padded to 16
+    channels) on each call (issue #15: the gathers along contiguous channels are what pipeline)."""
+    return arch == "dcgan" and (backend, device_type) in (("ext", "cpu"), ("triton", "cuda"))
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, state: dict | None = None, log=print,
                  dist: distributed.DistContext = distributed.SINGLE):
@@ -81,10 +90,8 @@ class Trainer:
             # the same Parameter and buffer objects in SyncBatchNorm layers; fuse() keeps them synced
             self.netG = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.netG)
             self.netD = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.netD)
-        # oneDNN's CPU convolutions compute in channels_last, and ext's ops keep their input's layout:
-        # with G, D and the real batch in channels_last, no activation of the step is reordered
-        self.channels_last = cfg.channels_last or (self.backend == "ext" and self.device.type == "cpu"
-                                                   and cfg.arch == "dcgan")
+        self.channels_last = cfg.channels_last or computes_in_channels_last(self.backend, self.device.type,
+                                                                            cfg.arch)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.netG.to(self.device, memory_format=memory_format)
         self.netD.to(self.device, memory_format=memory_format)

@@ -171,3 +171,13 @@ def test_reference_step_keeps_nchw(tmp_path):
     assert all(p.is_contiguous() for p in (*trainer.netG.parameters(), *trainer.netD.parameters()))
     trainer.train_step(next(trainer.data.batches(trainer.cfg.batch_size, 0, 0)))
     assert seen == [True] * 3
+
+
+def test_fused_dcgan_runs_in_the_layout_its_convolutions_compute_in():
+    from gan_fast.train import computes_in_channels_last
+
+    assert computes_in_channels_last("ext", "cpu", "dcgan")  # oneDNN
+    assert computes_in_channels_last("triton", "cuda", "dcgan")  # the launchers would copy NCHW each call
+    assert not computes_in_channels_last("reference", "cuda", "dcgan")  # eager stays what users chose
+    assert not computes_in_channels_last("triton", "cpu", "dcgan")  # the interpreter: tests keep NCHW
+    assert not computes_in_channels_last("ext", "cpu", "mlp")  # no convolutions
