@@ -48,6 +48,8 @@ def quality_run(backend: str, seed: int, args, out: str) -> list[dict]:
              "--checkpoint-every", str(10 * args.steps)]
     if args.ema is not None:
         flags += ["--ema", str(args.ema)]
+    if backend != "reference":  # the reference stays fp32: what a fused run is held to
+        flags += ["--amp", args.fused_amp]
     code = train_main(flags)
     if code != 0:
         raise SystemExit(f"training {backend} seed {seed} exited with {code}")
@@ -129,6 +131,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="default: 1500 (parity), 3000 (time-to-quality)")
     p.add_argument("--eval-every", type=int, default=None, help="default: 250 (parity), 100 (time)")
     p.add_argument("--n", type=int, default=1000, help="generated samples per evaluation")
+    p.add_argument("--fused-amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="autocast of the fused runs (issue #16: does bf16 learn as the fp32 reference does?)")
     p.add_argument("--threshold", type=float, default=100.0,
                    help="digits FD target of --time-to-quality (the floor is 19, see docs/quality.md)")
     p.add_argument("--margin", type=float, default=1.0, help="accepted margin, in units of the spread")
