@@ -99,14 +99,23 @@ def extension_setup():
         raise RuntimeError("GAN_FAST_FORCE_CUDA=1 but torch has no CUDA or nvcc was not found")
     # no -std: torch's BuildExtension passes the standard its own headers need (C++20 in torch 2.13)
     cxx = ["-O3"]
+    link = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is an inline `#pragma omp parallel` in ATen's headers (ParallelOpenMP.h):
+        # without -fopenmp the compiler drops the pragma and every CPU kernel of the extension ran on
+        # one thread. Linked as libgomp.so.1, the runtime torch already loaded (torch/lib), so the
+        # extension shares torch's thread pool and at::set_num_threads.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_LIST)
         ext = cpp_extension.CUDAExtension(
             "gan_fast._C", cpp + cu, define_macros=[("GAN_FAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
-                                                    "-lineinfo"]})
+                                                    "-lineinfo"]}, extra_link_args=link)
     else:
-        ext = cpp_extension.CppExtension("gan_fast._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("gan_fast._C", cpp, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=link)
 
     class TolerantBuildExt(cpp_extension.BuildExtension):
         def run(self):

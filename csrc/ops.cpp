@@ -7,9 +7,13 @@
 // running statistics in place; torch.library.register_autograd needs functional ops, so the
 // running-stat update is split from bn_act and carries no gradient.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 
 #include "common.h"
 
@@ -55,4 +59,16 @@ TORCH_LIBRARY(gan_fast, m) {
   // Testing hook: the build of the CPU BatchNorm kernels that dtype runs (csrc/cpu/bn_cpu.cpp).
   m.def("cpu_kernel_isa(ScalarType dtype) -> str",
         [](c10::ScalarType dtype) { return std::string(gan_fast::cpu_kernel_isa(dtype)); });
+  // Testing hook: how many threads an at::parallel_for over `tasks` tasks of this library runs on.
+  // It is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h), so a build without -fopenmp
+  // silently runs every CPU kernel on one thread (setup.py).
+  m.def("cpu_threads_used(int tasks) -> int", [](int64_t tasks) {
+    std::mutex mutex;
+    std::set<std::thread::id> seen;
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+      std::lock_guard<std::mutex> lock(mutex);
+      seen.insert(std::this_thread::get_id());
+    });
+    return static_cast<int64_t>(seen.size());
+  });
 }

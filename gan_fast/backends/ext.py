@@ -40,7 +40,8 @@ __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv
            "upsample_conv2d_bn_relu"]
 
 OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_backward", "bce_with_logits",
-       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "set_poison_outputs", "cpu_kernel_isa")
+       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "set_poison_outputs", "cpu_kernel_isa",
+       "cpu_threads_used")
 
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"
 # Where setup.py writes each build's full output, compiler errors included (pip hides it; a failed

@@ -5,6 +5,8 @@ tests.backends.utils.DEVICE.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -129,10 +131,10 @@ def _raw_samples():
 def test_opcheck_every_raw_op():
     torch.manual_seed(0)
     samples = _raw_samples()
-    # every op but the testing hooks set_poison_outputs and cpu_kernel_isa (no tensors: nothing for
-    # opcheck to check)
-    assert {op._qualified_op_name.split("::")[1] for op, _, _ in samples} == set(ext.OPS) - {"set_poison_outputs",
-                                                                                           "cpu_kernel_isa"}
+    # every op but the testing hooks set_poison_outputs, cpu_kernel_isa and cpu_threads_used (no
+    # tensors: nothing for opcheck to check)
+    hooks = {"set_poison_outputs", "cpu_kernel_isa", "cpu_threads_used"}
+    assert {op._qualified_op_name.split("::")[1] for op, _, _ in samples} == set(ext.OPS) - hooks
     for op, args, layout in samples:
         # Every check on the contiguous samples; the other layouts' (whose fake kernels must predict
         # the real strides) skip the AOT-dispatch check, which costs most and which
@@ -140,3 +142,16 @@ def test_opcheck_every_raw_op():
         utils = ("test_schema", "test_autograd_registration", "test_faketensor")
         torch.library.opcheck(op.default, args, test_utils=utils + (("test_aot_dispatch_dynamic",) if layout ==
                                                                      "contiguous" else ()))
+
+
+@needs_ext
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU cores to see a second thread")
+def test_cpu_kernels_run_on_every_thread():
+    # at::parallel_for is an inline `#pragma omp parallel`: the extension built without -fopenmp ran
+    # every CPU kernel on one thread, half of a 2-core machine (its BatchNorm took 2x ATen's)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.ops.gan_fast.cpu_threads_used(64) == 2
+    finally:
+        torch.set_num_threads(threads)
