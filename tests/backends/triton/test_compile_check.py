@@ -68,3 +68,11 @@ def test_subset_covers_every_config_in_every_dtype():
     chosen = cc.select([(j, 80) for j in traced])
     assert sorted((j["meta"]["BLOCK_M"], j["dtype"]) for j, _ in chosen) == \
         sorted((c, d) for c in (64, 128) for d in ("float32", "bfloat16"))
+
+
+def test_unknown_kernel_is_refused_not_vacuously_within_budget():
+    done = run_module("gan_fast.backends.triton.compile_check", "--workloads", "mlp", "--kernels",
+                      "_conv_transpose2d_kernel,_no_such_kernel")
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "_no_such_kernel: not launched by the workloads" in done.stderr
+    assert "budget met" not in done.stdout
