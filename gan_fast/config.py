@@ -234,7 +234,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fused", action="store_true", help="same as --backend auto")
     g.add_argument("--amp", choices=("off", "bf16", "fp16"), default=d.amp, help="autocast dtype")
     g.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory layout (on by itself for a DCGAN on the ext backend on a CPU)")
+                   help="NHWC memory layout (on by itself for a fused DCGAN where its convolutions compute "
+                        "in NHWC: ext on a CPU, triton on CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile both networks (a baseline)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over the global batch (every rank's)")

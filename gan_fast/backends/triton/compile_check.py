@@ -381,12 +381,12 @@ def main(argv=None) -> int:
         with open(trace_path, "rb") as f:
             traced = pickle.load(f)
         if args.kernels:
-            unknown = set(args.kernels.split(",")) - {job["name"] for job in traced}
-            if unknown:  # an empty selection would meet the budget by compiling nothing
-                print(f"compile_check: --kernels {', '.join(sorted(unknown))}: not launched by the workloads; "
-                      f"traced: {', '.join(sorted({job['name'] for job in traced}))}", file=sys.stderr)
+            wanted, launched = set(args.kernels.split(",")), {job["name"] for job in traced}
+            if wanted - launched:  # an empty selection would meet the budget by compiling nothing
+                print(f"compile_check: --kernels {', '.join(sorted(wanted - launched))}: not launched by the "
+                      f"workloads; traced: {', '.join(sorted(launched))}", file=sys.stderr)
                 return 2
-            traced = [job for job in traced if job["name"] in args.kernels.split(",")]
+            traced = [job for job in traced if job["name"] in wanted]
         jobs = [(job, arch) for arch in TARGETS for job in traced]
         if not args.full:
             jobs = select(jobs)
