@@ -111,13 +111,14 @@ def warm_up(trainer, real_u8: torch.Tensor, steps: int = WARMUP_STEPS) -> None:
     saved.restore()
 
 
-def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
-    """Set Adam's ``capturable`` for this run, after load_state_dict (which restores the flag of the
-    run that wrote the checkpoint): a checkpoint of a graphed CUDA run resumes on a CPU, and an eager
-    one under --cuda-graphs. A capturable Adam keeps its step counts on the parameters' device, an
-    eager one on the CPU (no sync per step to read them)."""
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool, fused: bool = False) -> None:
+    """Set Adam's ``capturable`` and ``fused`` for this run, after load_state_dict (which restores the
+    flags of the run that wrote the checkpoint): a checkpoint of a graphed CUDA run resumes on a CPU,
+    an eager one under --cuda-graphs, a CPU run's (fused) on CUDA. A capturable Adam keeps its step
+    counts on the parameters' device, an eager one on the CPU (no sync per step to read them)."""
     for group in optimizer.param_groups:
         group["capturable"] = capturable
+        group["fused"] = fused or None
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if torch.is_tensor(state.get("step")):

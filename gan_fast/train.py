@@ -96,8 +96,13 @@ class Trainer:
         self.netG.to(self.device, memory_format=memory_format)
         self.netD.to(self.device, memory_format=memory_format)
         self.use_cuda_graphs = self._wants_cuda_graphs()
-        # capturable: Adam keeps its step count on the device, so its step can be graph-captured
-        adam = dict(lr=cfg.lr, betas=(cfg.beta1, 0.999), capturable=self.use_cuda_graphs)
+        # capturable: Adam keeps its step count on the device, so its step can be graph-captured.
+        # fused on a CPU: torch's one-pass Adam kernel over all of a model's tensors, where the default
+        # runs 7 ops per tensor (a DCGAN-64 G's step: 13.5 -> 2.3 ms on 2 cores; the same update up to
+        # rounding). CUDA keeps torch's default (foreach) until it is measured there.
+        self.fused_adam = self.device.type == "cpu"
+        adam = dict(lr=cfg.lr, betas=(cfg.beta1, 0.999), capturable=self.use_cuda_graphs,
+                    fused=self.fused_adam or None)
         self.optG = torch.optim.Adam(self.netG.parameters(), **adam)
         self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
@@ -227,10 +232,10 @@ class Trainer:
             self.optD.load_state_dict(state["optD"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f"checkpoint does not match the models: {e}") from None
-        # load_state_dict brings back the capturable flag of the run that wrote the checkpoint; this
-        # run's device and --cuda-graphs decide it
-        set_capturable(self.optG, self.use_cuda_graphs)
-        set_capturable(self.optD, self.use_cuda_graphs)
+        # load_state_dict brings back the capturable and fused flags of the run that wrote the
+        # checkpoint; this run's device and --cuda-graphs decide them
+        set_capturable(self.optG, self.use_cuda_graphs, self.fused_adam)
+        set_capturable(self.optD, self.use_cuda_graphs, self.fused_adam)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

@@ -108,8 +108,9 @@ def test_warm_up_of_a_new_run_leaves_a_fresh_optimizer(tmp_path):
 
 
 def test_checkpoint_of_a_graphed_run_resumes_on_cpu(tmp_path):
-    """A graphed CUDA run's optimizers are Adam(capturable=True), and load_state_dict brings the flag
-    back: on a CPU that was an AssertionError in Adam. Built here on the CPU by setting the flag."""
+    """A graphed CUDA run's optimizers are Adam(capturable=True), not fused, and load_state_dict brings
+    the flags back: on a CPU capturable was an AssertionError in Adam, and the CPU's fused Adam was
+    lost. Built here on the CPU by setting the flags."""
     common = [*TINY, "--log-every", "1", "--checkpoint-every", "100"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert main([*common, "--steps", "4", "--out", full]) == 0
@@ -118,12 +119,13 @@ def test_checkpoint_of_a_graphed_run_resumes_on_cpu(tmp_path):
     state = ckpt.load(path)
     for name in ("optG", "optD"):
         for group in state[name]["param_groups"]:
-            group["capturable"] = True
+            group["capturable"], group["fused"] = True, None
     ckpt.save_checkpoint(state, path)
     assert main(["--resume", "--out", part, "--steps", "4", "--log-every", "1"]) == 0
     assert [r["loss_g"] for r in _rows(full)] == [r["loss_g"] for r in _rows(part)]
     resumed = ckpt.load(path)
     assert not any(g["capturable"] for n in ("optG", "optD") for g in resumed[n]["param_groups"])
+    assert all(g["fused"] for n in ("optG", "optD") for g in resumed[n]["param_groups"])
 
 
 @pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--channels-last"], ["--cuda-graphs", "off"],
