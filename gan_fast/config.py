@@ -15,6 +15,7 @@ import torch
 from .models import ARCHS, check_image_size
 
 BACKEND_CHOICES = ("reference", "triton", "ext", "auto")
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 MILESTONES = (100, 1000, 5000, 10000, 20000, 50000)  # sample grids of the seed's training log
 
 
@@ -44,7 +45,7 @@ class TrainConfig:
     # execution
     device: str = "auto"
     backend: str = "reference"
-    amp: str = "off"
+    amp: str = "auto"  # auto: bf16 for a fused backend on a CPU with native bf16, else off (train.resolve_amp)
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: str = "auto"
@@ -88,6 +89,8 @@ class TrainConfig:
             raise UserError("give --steps or --epochs, not both")
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
             raise UserError("--steps and --epochs must be at least 1")
+        if self.amp not in AMP_CHOICES:
+            raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise UserError(f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.lr <= 0 or not 0 <= self.beta1 < 1:
@@ -232,7 +235,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="op implementation: reference nn modules, fused triton or ext kernels, or auto "
                         "(default: reference)")
     g.add_argument("--fused", action="store_true", help="same as --backend auto")
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"), default=d.amp, help="autocast dtype")
+    g.add_argument("--amp", choices=AMP_CHOICES, default=d.amp,
+                   help="autocast dtype; auto: bf16 for a fused backend on a CPU that computes bf16 natively "
+                        "(AVX512_BF16 or AMX; the run's first line says so), off (fp32) otherwise")
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory layout (on by itself for a fused DCGAN where its convolutions compute "
                         "in NHWC: ext on a CPU, triton on CUDA)")

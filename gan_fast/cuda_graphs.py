@@ -38,7 +38,7 @@ def unsupported_reason(trainer) -> str | None:
     cfg = trainer.cfg
     if trainer.device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if cfg.amp == "fp16":
+    if trainer.amp == "fp16":
         return "--amp fp16 needs GradScaler, which syncs with the host; use --amp bf16"
     if cfg.compile:
         return "--compile manages its own CUDA graphs (mode reduce-overhead)"

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from gan_fast import checkpoint as ckpt
+from gan_fast import train
 from gan_fast.train import main
 
-from .conftest import ROOT, TINY, run_module
+from .conftest import ROOT, TINY, needs_ext, run_module
 
 
 def _rows(out):
@@ -138,3 +139,39 @@ def test_ctrl_c_saves_checkpoint_and_exits_cleanly(tmp_path):
     assert "Traceback" not in stderr and "checkpoint saved" in stdout
     state = ckpt.load(os.path.join(out, "checkpoint.pt"))
     assert 1 <= state["step"] < 100000
+
+
+@pytest.mark.parametrize("backend, device, native, want", [
+    ("ext", "cpu", True, "bf16"), ("triton", "cpu", True, "bf16"),
+    ("ext", "cpu", False, "off"),      # emulated bf16 would be slower than fp32
+    ("reference", "cpu", True, "off"),  # the reference modules stay what fused runs are held to
+    ("triton", "cuda", True, "off"),    # not measured on a GPU yet
+])
+def test_amp_auto_picks_bf16_for_fused_backends_on_a_bf16_cpu(monkeypatch, backend, device, native, want):
+    monkeypatch.setattr(train, "cpu_computes_bf16_natively", lambda: native)
+    amp, reason = train.resolve_amp("auto", backend, device)
+    assert amp == want and (reason is not None) == (want == "bf16")
+    for explicit in ("off", "bf16", "fp16"):  # a given --amp is never changed
+        assert train.resolve_amp(explicit, backend, device) == (explicit, None)
+
+
+@needs_ext
+@pytest.mark.parametrize("native", [True, False])
+def test_fused_run_says_on_its_first_line_that_it_trains_in_bf16(tmp_path, capsys, monkeypatch, native):
+    monkeypatch.setattr(train, "cpu_computes_bf16_natively", lambda: native)
+    auto, off = str(tmp_path / "auto"), str(tmp_path / "off")
+    assert main([*TINY, "--steps", "1", "--backend", "ext", "--device", "cpu", "--out", auto]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert main([*TINY, "--steps", "1", "--backend", "ext", "--device", "cpu", "--amp", "off", "--out", off]) == 0
+    first_off = capsys.readouterr().out.splitlines()[0]
+    with open(os.path.join(auto, "config.json")) as f:
+        resolved = json.load(f)
+    assert resolved["amp"] == "auto" and resolved["amp_resolved"] == ("bf16" if native else "off")
+    if native:
+        assert first.startswith("training ") and ", bf16 autocast (--amp auto:" in first, first
+        assert "--amp off trains in fp32" in first
+    else:
+        assert "autocast" not in first, first
+    assert "autocast" not in first_off and "--amp auto" not in first_off, first_off
+    with open(os.path.join(off, "config.json")) as f:
+        assert json.load(f)["amp_resolved"] == "off"
