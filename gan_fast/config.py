@@ -45,7 +45,7 @@ class TrainConfig:
     # execution
     device: str = "auto"
     backend: str = "reference"
-    amp: str = "auto"  # auto: bf16 for a fused backend on a CPU with native bf16, else off (train.resolve_amp)
+    amp: str = "auto"  # auto: bf16 for ext on a CPU with native bf16, else off (train.resolve_amp)
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: str = "auto"
@@ -236,8 +236,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "(default: reference)")
     g.add_argument("--fused", action="store_true", help="same as --backend auto")
     g.add_argument("--amp", choices=AMP_CHOICES, default=d.amp,
-                   help="autocast dtype; auto: bf16 for a fused backend on a CPU that computes bf16 natively "
-                        "(AVX512_BF16 or AMX; the run's first line says so), off (fp32) otherwise")
+                   help="autocast dtype; auto: bf16 for the ext backend (what --fused picks on a CPU) on a CPU "
+                        "that computes bf16 natively (AVX512_BF16 or AMX; the run's first line says so), off "
+                        "(fp32) otherwise")
     g.add_argument("--channels-last", action="store_true",
                    help="NHWC memory layout (on by itself for a fused DCGAN where its convolutions compute "
                         "in NHWC: ext on a CPU, triton on CUDA)")

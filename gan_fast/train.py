@@ -68,13 +68,13 @@ def cpu_computes_bf16_natively() -> bool:
 
 def resolve_amp(amp: str, backend: str, device_type: str) -> tuple[str, str | None]:
     """(the autocast dtype a run uses: off, bf16 or fp16; why, when --amp auto picked it). auto is
-    bf16 for a fused backend on a CPU that computes bf16 natively (issue #16: the fused DCGAN step
-    1.3-1.4x faster than fp32 there, and digits FD within the fp32 reference's band, docs/quality.md),
-    off elsewhere: the reference modules are what fused runs are held to, and on CUDA bf16 is not
-    measured yet."""
+    bf16 for the ext backend on a CPU that computes bf16 natively (issue #16: its DCGAN step 1.3-1.4x
+    faster than in fp32 there, oneDNN's bf16 convolutions, and digits FD within the fp32 reference's
+    band, docs/quality.md), off elsewhere: the reference modules are what fused runs are held to,
+    triton on a CPU is its interpreter (a test vehicle), and on CUDA bf16 is not measured yet."""
     if amp != "auto":
         return amp, None
-    if backend != "reference" and device_type == "cpu" and cpu_computes_bf16_natively():
+    if backend == "ext" and device_type == "cpu" and cpu_computes_bf16_natively():
         return "bf16", "--amp auto: this CPU computes bf16 natively; --amp off trains in fp32"
     return "off", None
 

@@ -244,7 +244,7 @@ def test_ten_training_steps_match_reference(backend, tmp_path):
 
     def losses(name):
         cfg = TrainConfig(image_size=16, nz=8, ngf=4, ndf=4, batch_size=8, steps=10, device=DEVICE,
-                          backend=name, out=str(tmp_path / name), workers=0)
+                          backend=name, out=str(tmp_path / name), workers=0, amp="off")  # fp32 both
         trainer = Trainer(cfg, log=lambda *a: None)
         assert (trainer.backend == name) and (name == "reference" or fused_modules(trainer.netD))
         rows = []

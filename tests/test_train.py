@@ -142,7 +142,8 @@ def test_ctrl_c_saves_checkpoint_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("backend, device, native, want", [
-    ("ext", "cpu", True, "bf16"), ("triton", "cpu", True, "bf16"),
+    ("ext", "cpu", True, "bf16"),
+    ("triton", "cpu", True, "off"),     # Triton's interpreter: a test vehicle, not a fast path
     ("ext", "cpu", False, "off"),      # emulated bf16 would be slower than fp32
     ("reference", "cpu", True, "off"),  # the reference modules stay what fused runs are held to
     ("triton", "cuda", True, "off"),    # not measured on a GPU yet
