@@ -38,7 +38,7 @@ from gan_fast.backends import unavailable_reason  # noqa: E402
 from gan_fast.train import main as train_main  # noqa: E402
 
 
-def quality_run(backend: str, seed: int, args, out: str) -> list[dict]:
+def quality_run(backend: str, seed: int, args, out: str, amp: str = "off") -> list[dict]:
     """Train one run; its evaluation rows (step, digits_fd, ..., train_s)."""
     flags = ["--backend", backend, "--seed", str(seed), "--steps", str(args.steps),
              "--ngf", str(args.ngf), "--ndf", str(args.ndf), "--nz", str(args.nz),
@@ -48,8 +48,8 @@ def quality_run(backend: str, seed: int, args, out: str) -> list[dict]:
              "--checkpoint-every", str(10 * args.steps)]
     if args.ema is not None:
         flags += ["--ema", str(args.ema)]
-    if backend != "reference":  # the reference stays fp32: what a fused run is held to
-        flags += ["--amp", args.fused_amp]
+    # the reference stays fp32: what a fused run is held to
+    flags += ["--amp", "off" if backend == "reference" else amp]
     code = train_main(flags)
     if code != 0:
         raise SystemExit(f"training {backend} seed {seed} exited with {code}")
@@ -75,13 +75,15 @@ def parity(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
             seeds = args.seeds if backend == "reference" else args.seeds[:args.fused_seeds]
-            for seed in seeds:
-                rows = quality_run(backend, seed, args, os.path.join(tmp, f"{backend}-{seed}"))
-                fd = rows[-1]["digits_fd"]
-                results.setdefault(backend, {})[seed] = fd
-                curve = ", ".join(f"{r['step']}: {r['digits_fd']:.0f}" for r in rows)
-                print(f"{backend:9s} seed {seed}: final digits FD {fd:8.2f}  "
-                      f"(train {rows[-1]['train_s']:.0f} s; curve {curve})", flush=True)
+            for amp in ["off"] if backend == "reference" else args.fused_amp:
+                run = backend if amp == "off" else f"{backend} {amp}"
+                for seed in seeds:
+                    rows = quality_run(backend, seed, args, os.path.join(tmp, f"{backend}-{amp}-{seed}"), amp)
+                    fd = rows[-1]["digits_fd"]
+                    results.setdefault(run, {})[seed] = fd
+                    curve = ", ".join(f"{r['step']}: {r['digits_fd']:.0f}" for r in rows)
+                    print(f"{run:9s} seed {seed}: final digits FD {fd:8.2f}  "
+                          f"(train {rows[-1]['train_s']:.0f} s; curve {curve})", flush=True)
     ref = list(results.get("reference", {}).values())
     if len(ref) < 2:
         print("parity needs the reference on at least 2 seeds")
@@ -108,7 +110,8 @@ def time_to_quality(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
             for seed in args.seeds[:args.fused_seeds]:
-                rows = quality_run(backend, seed, args, os.path.join(tmp, f"{backend}-{seed}"))
+                rows = quality_run(backend, seed, args, os.path.join(tmp, f"{backend}-{seed}"),
+                                   args.fused_amp[0])
                 hit = next((r for r in rows if r["digits_fd"] < args.threshold), None)
                 steps_s = rows[-1]["step"] / rows[-1]["train_s"]
                 if hit is None:
@@ -131,8 +134,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="default: 1500 (parity), 3000 (time-to-quality)")
     p.add_argument("--eval-every", type=int, default=None, help="default: 250 (parity), 100 (time)")
     p.add_argument("--n", type=int, default=1000, help="generated samples per evaluation")
-    p.add_argument("--fused-amp", choices=("off", "bf16", "fp16"), default="off",
-                   help="autocast of the fused runs (issue #16: does bf16 learn as the fp32 reference does?)")
+    p.add_argument("--fused-amp", choices=("off", "bf16", "fp16"), nargs="+", default=["off"],
+                   help="autocast of the fused runs, one set of runs each (issue #16: does bf16 learn as the "
+                        "fp32 reference does?); time-to-quality uses the first")
     p.add_argument("--threshold", type=float, default=100.0,
                    help="digits FD target of --time-to-quality (the floor is 19, see docs/quality.md)")
     p.add_argument("--margin", type=float, default=1.0, help="accepted margin, in units of the spread")

@@ -12,7 +12,7 @@ import torch
 
 from ..config import UserError, pick_device
 from .cases import PROVIDERS, default_cases, select_cases, unavailable_reason
-from .measure import add_ratios, run_one
+from .measure import add_ratios, run_case_interleaved, run_one
 from .report import default_out, device_info, format_table, git_info, plot, versions, write_json
 from .timing import ALWAYS_PEAKS, Peaks, default_timing, peak_key
 
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-measure", type=int, default=None,
                    help="calls per timed round (default: enough for ~50 ms on a GPU, ~200 ms on a CPU)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds; the median is reported")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="time each provider's rounds in one go, one provider after the other (default: the "
+                        "providers of a case take turns, one round each, so a drifting machine speed slows "
+                        "them alike)")
     p.add_argument("--warmup", type=int, default=None,
                    help="synchronised calls before timing (the first compiles / captures)")
     p.add_argument("--threads", type=int, default=None,
@@ -115,17 +119,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measuring the {key} matmul peak ...", file=sys.stderr, flush=True)
         peaks.get_peak(key)
     doc["peaks_tflops"] = peaks
-    todo = [(c, p) for c in cases for p in providers]
     t_start = time.perf_counter()
-    for n, (case, provider) in enumerate(todo, 1):
+    for n, case in enumerate(cases, 1):
         t0 = time.perf_counter()
-        row = run_one(case, provider, device, timing, peaks, verbose=args.verbose)
-        doc["results"].append(row)
-        if row["status"] != "skipped":
-            what = (f"{row['median_s'] * 1e3:.3f} ms" if row["status"] == "ok"
-                    else f"error: {row['reason']}")
-            print(f"[{n}/{len(todo)}] {case.id} {provider}: {what} ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
+        if args.no_interleave:
+            rows = [run_one(case, provider, device, timing, peaks, verbose=args.verbose) for provider in providers]
+        else:
+            rows = run_case_interleaved(case, providers, device, timing, peaks, verbose=args.verbose)
+        doc["results"] += rows
+        for row in rows:
+            if row["status"] != "skipped":
+                what = (f"{row['median_s'] * 1e3:.3f} ms" if row["status"] == "ok"
+                        else f"error: {row['reason']}")
+                print(f"[{n}/{len(cases)}] {case.id} {row['provider']}: {what}", file=sys.stderr, flush=True)
+        print(f"[{n}/{len(cases)}] {case.id}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         add_ratios(doc["results"])
         doc["peaks_tflops"] = dict(peaks)
         doc["wall_s"] = time.perf_counter() - t_start

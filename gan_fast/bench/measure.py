@@ -89,6 +89,85 @@ def run_one(case: Case, provider: str, device: torch.device, timing: Timing, pea
     return row
 
 
+class _Contender:
+    """One (provider[, eager variant]) of a case, built and warmed up, waiting for its rounds."""
+
+    def __init__(self, case: Case, provider: str, device: torch.device, timing: Timing,
+                 variant: str | None = None):
+        self.provider, self.variant, self.runner, self.times = provider, variant, None, []
+        meter = MemoryMeter(device)
+        self.runner = build_case(case, provider, device, variant)
+        self.warm = warm_up(self.runner, timing)
+        # its memory: one round alone (the other contenders' memory is already resident)
+        meter.reset()
+        self.times += time_rounds(self.runner, 1, self.warm.steps_per_measure)
+        self.memory_bytes, self.memory_kind = meter.peak_bytes(), meter.kind
+
+    def measured(self, timing: Timing) -> dict:
+        """The fields measure() returns, from this contender's rounds."""
+        median, w = statistics.median(self.times), self.warm
+        out = dict(median_s=median, times_s=self.times, steps_per_measure=w.steps_per_measure,
+                   rounds=len(self.times), memory_bytes=self.memory_bytes, memory_kind=self.memory_kind,
+                   build_s=self.runner.build_s, first_call_s=w.first_call_s, warmup_calls_s=w.calls_s,
+                   compile_s=max(0.0, sum(w.calls_s) - len(w.calls_s) * median),
+                   time_to_first_step_s=self.runner.build_s + w.first_call_s, interleaved=True)
+        problem = self.runner.check()
+        if problem:
+            out["warning"] = problem
+        return out
+
+
+def run_case_interleaved(case: Case, providers: list[str], device: torch.device, timing: Timing,
+                         peaks: Peaks | None, verbose: bool = False) -> list[dict]:
+    """run_one's rows for every provider of ``case``, timed in alternation: each provider (and each
+    variant of eager-best) is built and warmed up, then round r runs one timed round of each, in an
+    order rotated by r. A machine whose speed drifts (a shared or virtual CPU: 10-30% over minutes
+    here) then slows every provider of the case alike, and their ratios hold where one provider's
+    rounds after another's would not."""
+    rows, contenders = {}, []
+    try:
+        for provider in providers:
+            rows[provider] = {"case": case.id, "kind": case.kind, "provider": provider}
+            reason = unavailable_reason(case, provider, device)
+            if reason is not None:
+                rows[provider].update(status="skipped", reason=reason)
+                continue
+            try:
+                for variant in eager_variants(case) if provider == EAGER_BEST else [None]:
+                    contenders.append(_Contender(case, provider, device, timing, variant))
+            except Exception as e:  # noqa: BLE001 - one provider's failure is a result, not the end of the run
+                if verbose:
+                    traceback.print_exc()
+                rows[provider].update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
+                for c in contenders:
+                    if c.provider == provider:
+                        c.runner.close()
+                contenders = [c for c in contenders if c.provider != provider]
+        n = len(contenders)
+        for r in range(1, timing.rounds):  # round 0 was each one's own, alone, with its memory
+            for i in range(n):
+                c = contenders[(r + i) % n]
+                c.times += time_rounds(c.runner, 1, c.warm.steps_per_measure)
+        for provider, row in rows.items():
+            mine = [c for c in contenders if c.provider == provider]
+            if not mine or "status" in row:
+                continue
+            by_variant = {c.variant: c.measured(timing) for c in mine}
+            if provider == EAGER_BEST:
+                variant = min(by_variant, key=lambda v: by_variant[v]["median_s"])
+                row.update(variant=variant, variants_median_s={v: m["median_s"] for v, m in by_variant.items()})
+            else:
+                variant = None
+            measured = by_variant[variant]
+            row.update(status="ok", **metrics(case, measured.pop("median_s"), peaks, device), **measured)
+    finally:
+        for c in contenders:
+            c.runner.close()
+        contenders.clear()
+        cleanup(device)
+    return list(rows.values())
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     line = next((t for t in text if t.strip()), "")

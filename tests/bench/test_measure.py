@@ -1,6 +1,6 @@
-"""The step baselines of issue #16 without timing anything: eager-best reports the variant whose
-measured time is the smallest, and the tutorial step trains both networks. ``pytest bench/test_providers.py``
-(``--benchmark-only`` skips it)."""
+"""gan_fast.bench's measurement without timing anything: eager-best reports the variant whose measured
+time is the smallest, the tutorial step (issue #16's baseline) trains both networks, and a case's
+providers take turns round by round."""
 import pytest
 import torch
 
@@ -47,3 +47,35 @@ def test_tutorial_step_updates_both_networks():
     unchanged = [name for name, p in after.items() if torch.equal(p, before[name])]
     assert not unchanged, f"parameters the step did not update: {unchanged}"
     assert {n.split(".")[0] for n in after} == {"netG", "netD"}
+
+
+def test_providers_of_a_case_take_turns_and_a_failing_one_stops_no_other(monkeypatch):
+    """python -m gan_fast.bench times a case's providers in alternation (measure.run_case_interleaved):
+    each one's warm-up and first round alone, then one round each per turn, in a rotating order; a
+    provider whose build raises is an error row and the others are measured."""
+    from gan_fast.bench.timing import Runner
+
+    case = step_case("tiny", 8)
+    calls = []
+
+    def fake_build(case_, provider, device, variant=None):
+        if provider == "triton":
+            raise RuntimeError("no triton here\nsecond line")
+        name = provider if variant is None else f"{provider}[{variant}]"
+        return Runner(lambda: calls.append(name), device, 0.0)
+
+    monkeypatch.setattr(measure, "build_case", fake_build)
+    monkeypatch.setattr(measure, "unavailable_reason", lambda *a: None)
+    timing = default_timing("cpu", quick=True)
+    timing.warmup, timing.rounds, timing.steps_per_measure = 1, 3, 1
+    rows = measure.run_case_interleaved(case, ["tutorial", "triton", EAGER_BEST], torch.device("cpu"), timing,
+                                        None)
+    names = ["tutorial", *(f"{EAGER_BEST}[{v}]" for v in eager_variants(case))]
+    solo = [n for n in names for _ in range(2)]  # warm-up call, then its first round
+    turns = names[1:] + names[:1] + names[2:] + names[:2]  # rounds 1 and 2, each started one later
+    assert calls == solo + turns
+    by = {r["provider"]: r for r in rows}
+    assert by["triton"]["status"] == "error" and by["triton"]["reason"] == "RuntimeError: no triton here"
+    for provider in ("tutorial", EAGER_BEST):
+        assert by[provider]["status"] == "ok" and by[provider]["rounds"] == 3 and by[provider]["interleaved"]
+    assert by[EAGER_BEST]["variant"] in eager_variants(case)
