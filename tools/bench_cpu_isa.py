@@ -4,7 +4,7 @@
     python tools/bench_cpu_isa.py [--rounds 5] [--iters 20] [--threads 1]
 
 A process runs one build (picked once per process, forced by the environment of
-gan_fast.backends.ext.CPU_ISA_ENV as tests/backends/test_ext_ops.py does), so each round starts one
+gan_fast.backends.ext.CPU_ISA_ENV as tests/backends/test_ext_isa.py does), so each round starts one
 subprocess per build, in an order rotated every round, and the table gives each build's median over
 the rounds: on a shared machine the alternation spreads the other load over every build alike. Times
 are milliseconds per forward + backward of one layer.

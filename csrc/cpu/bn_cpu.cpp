@@ -5,7 +5,7 @@
 // runs, capped by ATen's own CPU capability. Forward and backward always run the same build, so the
 // backward recomputes the forward's pre-activation bit for bit.
 //
-// Forcing a build (how tests/backends/test_ext_ops.py runs each one in a subprocess):
+// Forcing a build (how tests/backends/test_ext_isa.py runs each one in a subprocess):
 //   ATEN_CPU_CAPABILITY=default | avx2 | avx512  caps ATen and these kernels alike;
 //   GAN_FAST_CPU_NO_AVX512_BF16=1                 bfloat16 on AVX-512 without AVX512_BF16's
 //                                                 instruction (what a CPU without it runs).
@@ -32,7 +32,10 @@ namespace gan_fast {
   void bn_backward_apply(const Tensor& dy, const Tensor& x, const BnShape& s, const Tensor& mean,            \
                          const Tensor& var, const Tensor& w, const Tensor& b, const Tensor& grad_weight,     \
                          const Tensor& grad_bias, bool training, double eps, double slope, int64_t act,      \
-                         Tensor& dx);
+                         Tensor& dx);                                                                 \
+  void d_head_forward(const Tensor& x, const Tensor& w, const Tensor& target, Tensor& logits, Tensor& loss); \
+  void d_head_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& w, const Tensor& target,      \
+                       const Tensor& logits, bool need_x, bool need_w, Tensor& grad_x, Tensor& grad_w);
 #if GAN_FAST_CPU_AVX2_TU
 namespace cpu_avx2 { GAN_FAST_BN_ENTRY_POINTS }  // bn_cpu_avx2.cpp
 #endif
@@ -152,6 +155,16 @@ void CpuKernels::bn_backward_apply(const Tensor& dy, const Tensor& x, const BnSh
                                    Tensor& dx) {
   GAN_FAST_BN_CALL(bn_backward_apply, x, dy, x, s, mean, var, w, b, grad_weight, grad_bias, training, eps, slope,
                    act, dx);
+}
+
+void CpuKernels::d_head_forward(const Tensor& x, const Tensor& w, const Tensor& target, Tensor& logits,
+                                Tensor& loss) {
+  GAN_FAST_BN_CALL(d_head_forward, x, x, w, target, logits, loss);
+}
+
+void CpuKernels::d_head_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& w, const Tensor& target,
+                                 const Tensor& logits, bool need_x, bool need_w, Tensor& grad_x, Tensor& grad_w) {
+  GAN_FAST_BN_CALL(d_head_backward, x, grad_loss, x, w, target, logits, need_x, need_w, grad_x, grad_w);
 }
 
 #undef GAN_FAST_BN_CALL
