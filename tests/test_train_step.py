@@ -65,8 +65,10 @@ def test_g_update_computes_no_weight_gradient_of_d(backend, tmp_path):
     trainer.train_step(real)  # the optimizers' state exists: only the step's own work is counted
     with WeightGradients() as seen:
         trainer.train_step(real)
-    # 16x16 images: three convolutions in each network
-    assert seen.of(trainer.netG) == [1] * 3
+    # 16x16 images: three convolutions in each network; ext computes G's first block (from the 1x1
+    # latent) as a matrix product on the CPU, whose weight gradient is an aten::mm, not counted here
+    assert seen.of(trainer.netG) == ([0, 1, 1] if backend == "ext" else [1] * 3)
+    assert all(p.grad is not None for p in trainer.netG.parameters())
     # D's weights get their gradient from the real and the fake batch, not from G's update
     assert seen.of(trainer.netD) == [2] * 3
     assert all(p.requires_grad for p in trainer.netD.parameters())  # restored after the G update

@@ -1,6 +1,7 @@
-"""The ext backend's CPU-only forms of its blocks, each against the reference composition it replaces:
-G's first block (the 1x1 latent -> 4x4) as one matrix product instead of oneDNN's transposed
-convolution (issue #16). test_ext_ops.py has every block in every layout and dtype."""
+"""The ext backend's CPU-only forms of its blocks, each against the reference composition it replaces
+(issue #16): G's first block (the 1x1 latent -> 4x4) as one matrix product instead of oneDNN's
+transposed convolution, and the bf16 weight gradients of D's and G's deep blocks as im2col + one GEMM.
+test_ext_ops.py has every block in every layout and dtype."""
 from __future__ import annotations
 
 import pytest
@@ -74,3 +75,61 @@ def test_g_first_block_from_a_point_is_one_matrix_product(n, weight_layout, amp)
     if amp:
         check_bn_op_against_fp64(fused, ref, [make_input((n, cin, 1, 1)), w, *bn_params(cout, True)[:2]],
                                  torch.bfloat16, grad_count=4, cast_count=2)
+
+
+class _ConvBackwardMasks(TorchDispatchMode):
+    """The output_mask of every aten::convolution_backward a block of code dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name == "aten::convolution_backward":
+            self.masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def _conv_block(name, k, stride, padding):
+    kw = dict(stride=stride, padding=padding, momentum=MOMENTUM, eps=EPS)
+    if name == "conv2d_bn_leaky_relu":
+        kw["negative_slope"] = 0.2
+
+    def call(f):
+        return lambda x, w, g, b, rm, rv, training: f(x, w, g, b, rm, rv, training=training, **kw)
+    return call(getattr(ext, name)), call(getattr(reference, name))
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GEMM weight gradient is the CPU's")
+@pytest.mark.parametrize("name, n, cin, cout, size, k, stride, padding, gemm", [
+    ("conv2d_bn_leaky_relu", 3, 67, 37, 8, 4, 2, 1, True),     # D's deep layers: 8x8 -> 4x4
+    ("conv2d_bn_leaky_relu", 2, 64, 63, 5, 3, 1, 1, True),     # 25 output pixels
+    ("conv2d_bn_leaky_relu", 2, 37, 63, 8, 4, 2, 1, False),    # < 64 input channels: oneDNN's
+    ("conv2d_bn_leaky_relu", 1, 67, 3, 32, 4, 2, 1, False),    # 16x16 output: oneDNN's
+    ("conv_transpose2d_bn_relu", 3, 37, 67, 4, 4, 2, 1, True),  # G's blocks: its weight gradient is
+    ("conv_transpose2d_bn_relu", 2, 63, 37, 4, 4, 2, 1, False),  # conv2d's of dY (C_out channels)
+])
+def test_deep_conv_blocks_compute_16_bit_weight_gradients_as_one_gemm(name, n, cin, cout, size, k, stride,
+                                                                       padding, gemm):
+    # issue #16: oneDNN's bf16 backward-weights of D's and G's deep layers ran at a fraction of its
+    # forward's rate; there the blocks compute it as im2col + one GEMM (ext._weight_grad_is_a_gemm),
+    # held to the reference's own bf16 error against fp64; fp16 and fp32 keep ATen's
+    transposed = name == "conv_transpose2d_bn_relu"
+    w = make_input((cin, cout, k, k) if transposed else (cout, cin, k, k), scale=0.1).detach()
+    w = w.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = make_input((n, cin, size, size), "channels_last")
+    gamma, beta = bn_params(cout, True)[:2]
+    fused, ref = _conv_block(name, k, stride, padding)
+    for dtype in (torch.bfloat16, torch.float16):
+        with _ConvBackwardMasks() as seen:
+            y = fused(x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_(), gamma, beta,
+                      None, None, True)
+            y.backward(torch.randn_like(y))
+        assert seen.masks == [[True, not (gemm and dtype == torch.bfloat16), False]], seen.masks  # bf16 only
+        check_bn_op_against_fp64(fused, ref, [x, w, gamma, beta], dtype, grad_count=4, cast_count=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _ConvBackwardMasks() as seen:  # fp32 weight, autocast
+        y = fused(x.detach(), w, gamma, beta, None, None, True)  # D's first use: no input gradient
+        gw = torch.autograd.grad(y.float().square().sum(), w)[0]
+    assert seen.masks == ([] if gemm else [[False, True, False]]), seen.masks
+    assert gw.dtype == torch.float32 and gw.is_contiguous(memory_format=torch.channels_last)
