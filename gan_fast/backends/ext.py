@@ -237,7 +237,7 @@ def conv_transpose2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, runnin
             and x.shape[1] == weight.shape[0] and x.dtype == weight.dtype and x.numel() > 0):
         y = _conv_transpose2d_of_a_point(x, weight)  # the stride of a 1x1 input changes nothing
     else:
-        y = _conv_transpose2d(x, weight, stride, padding)
+        y = _conv(x, weight, stride, padding, transposed=True)
     return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, ACT_RELU,
                    process_group=process_group)
 
@@ -250,7 +250,7 @@ def _weight_grad_is_a_gemm(x: Tensor, grad_y: Tensor, weight: Tensor) -> bool:
     GEMM form 0.7 ms; DCGAN-64's 256 -> 512 layer, batch 16: 7.1 -> 1.2 ms). Elsewhere (fp32, fp16,
     wide images, few channels) oneDNN measured as fast or was not measured. A fixed rule rather than a
     per-process timing, so a run computes the same numbers every time. For a transposed convolution
-    the caller passes its dY as x and its input as grad_y (_ConvTranspose2dFunction)."""
+    the caller passes its dY as x and its input as grad_y (_ConvFunction)."""
     return (x.device.type == "cpu" and grad_y.dtype == torch.bfloat16 and x.dim() == 4
             and x.shape[1] >= 64 and grad_y.shape[2] * grad_y.shape[3] <= 64 and weight.shape[2:].numel() > 1
             and grad_y.is_contiguous(memory_format=torch.channels_last)
@@ -274,83 +274,49 @@ def _conv2d_weight_grad_gemm(x: Tensor, grad_y: Tensor, kernel: tuple, stride: t
     return dw.view(cout, kh, kw, cin).permute(0, 3, 1, 2)
 
 
-class _Conv2dFunction(torch.autograd.Function):
-    """F.conv2d (no bias, dilation 1, one group) whose weight gradient is a GEMM where
-    _weight_grad_is_a_gemm says so; the input gradient and every other case are ATen's
-    convolution_backward, as F.conv2d's own backward computes them."""
+class _ConvFunction(torch.autograd.Function):
+    """F.conv2d or F.conv_transpose2d (no bias, no output padding, dilation 1, one group) whose weight
+    gradient is a GEMM where _weight_grad_is_a_gemm says so; the input gradient and every other case
+    are ATen's convolution_backward, as the functions' own backward computes them. A transposed
+    convolution's weight gradient dW[ci, co, i, j] = sum x[n, ci, ih, iw] dY[n, co, s*ih+i-p, s*iw+j-p]
+    is conv2d's with dY as its input and x as its output gradient, [C_in, C_out, kH, kW] as the
+    transposed weight is laid out."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):
+    def forward(ctx, x, weight, stride, padding, transposed):
         ctx.save_for_backward(x, weight)
-        ctx.conf = (stride, padding)
-        return F.conv2d(x, weight, None, stride, padding)
+        ctx.conf = (stride, padding, transposed)
+        return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        stride, padding = ctx.conf
+        stride, padding, transposed = ctx.conf
         need_x, need_w = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            return (*differentiable_backward(lambda a, b: F.conv2d(a, b, None, stride, padding), (x, weight),
-                                             (grad_y,), (need_x, need_w)), None, None)
-        compute = grad_y.dtype  # the forward's dtype (autocast's, under autocast)
-        gemm = need_w and _weight_grad_is_a_gemm(x, grad_y, weight)
+            conv = F.conv_transpose2d if transposed else F.conv2d
+            return (*differentiable_backward(lambda a, b: conv(a, b, None, stride, padding), (x, weight),
+                                             (grad_y,), (need_x, need_w)), None, None, None)
+        x = x.to(grad_y.dtype)  # the forward's dtype (autocast's, under autocast)
+        image, grad = (grad_y, x) if transposed else (x, grad_y)  # of the conv2d whose weight gradient it is
+        gemm = need_w and _weight_grad_is_a_gemm(image, grad, weight)
         gx = gw = None
         if need_x or (need_w and not gemm):
             gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad_y, x.to(compute), weight.to(compute), None, stride, padding, [1, 1], False, [0, 0], 1,
+                grad_y, x, weight.to(grad_y.dtype), None, stride, padding, [1, 1], transposed, [0, 0], 1,
                 [need_x, need_w and not gemm, False])
         if gemm:
-            gw = _conv2d_weight_grad_gemm(x, grad_y, tuple(weight.shape[2:]), stride, padding)
-        return gx, gw, None, None
+            gw = _conv2d_weight_grad_gemm(image, grad, tuple(weight.shape[2:]), stride, padding)
+        return gx, gw, None, None, None
 
 
-class _ConvTranspose2dFunction(torch.autograd.Function):
-    """F.conv_transpose2d (no bias, no output padding, dilation 1, one group), whose weight gradient
-    is a GEMM where _weight_grad_is_a_gemm says so: a transposed convolution's weight gradient
-    dW[ci, co, i, j] = sum x[n, ci, ih, iw] dY[n, co, s*ih+i-p, s*iw+j-p] is conv2d's with dY as its
-    input and x as its output gradient, [C_in, C_out, kH, kW] as the transposed weight is laid out."""
-
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.conf = (stride, padding)
-        return F.conv_transpose2d(x, weight, None, stride, padding)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        stride, padding = ctx.conf
-        need_x, need_w = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            return (*differentiable_backward(lambda a, b: F.conv_transpose2d(a, b, None, stride, padding),
-                                             (x, weight), (grad_y,), (need_x, need_w)), None, None)
-        compute = grad_y.dtype
-        x_c = x.to(compute)
-        gemm = need_w and _weight_grad_is_a_gemm(grad_y, x_c, weight)
-        gx = gw = None
-        if need_x or (need_w and not gemm):
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad_y, x_c, weight.to(compute), None, stride, padding, [1, 1], True, [0, 0], 1,
-                [need_x, need_w and not gemm, False])
-        if gemm:
-            gw = _conv2d_weight_grad_gemm(grad_y, x_c, tuple(weight.shape[2:]), stride, padding)
-        return gx, gw, None, None
-
-
-def _conv2d(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Tensor:
-    """The D blocks' convolution: _Conv2dFunction in eager mode on a CPU (where its weight gradient
-    may be a GEMM), F.conv2d elsewhere and under torch.compile."""
+def _conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> Tensor:
+    """The D blocks' convolution and the G blocks' transposed convolution: _ConvFunction in eager mode
+    on a CPU (where its weight gradient may be a GEMM), the plain function elsewhere and under
+    torch.compile."""
     if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _Conv2dFunction.apply(x, weight, stride, padding)
-    return F.conv2d(x, weight, None, stride, padding)
-
-
-def _conv_transpose2d(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Tensor:
-    """The G blocks' transposed convolution, as _conv2d chooses."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _ConvTranspose2dFunction.apply(x, weight, stride, padding)
-    return F.conv_transpose2d(x, weight, None, stride, padding)
+        return _ConvFunction.apply(x, weight, stride, padding, transposed)
+    return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)
 
 
 def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
@@ -358,7 +324,7 @@ def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
                          process_group=None) -> Tensor:
     """Conv2d(bias=False) -> BatchNorm2d -> LeakyReLU (the DCGAN discriminator blocks)."""
     _check_input(x, 4, "conv2d_bn_leaky_relu", "[N, C, H, W]")
-    y = _conv2d(x, weight, pair(stride, "stride", 1), pair(padding, "padding", 0))
+    y = _conv(x, weight, pair(stride, "stride", 1), pair(padding, "padding", 0), transposed=False)
     return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                    ACT_LEAKY_RELU, check_slope(negative_slope), process_group)
 
