@@ -62,15 +62,15 @@ def computes_in_channels_last(backend: str, device_type: str, arch: str) -> bool
 def cpu_computes_bf16_natively() -> bool:
     """Whether this CPU has bf16 arithmetic (AVX512_BF16's dot products, or AMX tiles), where oneDNN's
     bf16 convolutions run at up to twice the fp32 rate; elsewhere bf16 is emulated and slower."""
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
 
 
 def resolve_amp(amp: str, backend: str, device_type: str) -> tuple[str, str | None]:
     """(the autocast dtype a run uses: off, bf16 or fp16; why, when --amp auto picked it). auto is
-    bf16 for the ext backend on a CPU that computes bf16 natively (issue #16: its DCGAN step 1.3-1.4x
-    faster than in fp32 there, oneDNN's bf16 convolutions, and digits FD within the fp32 reference's
-    band, docs/quality.md), off elsewhere: the reference modules are what fused runs are held to,
+    bf16 for the ext backend on a CPU that computes bf16 natively (issue #16: its DCGAN steps 1.6-1.7x
+    faster than in fp32 there, docs/performance.md, and digits FD within the fp32 reference's band,
+    docs/quality.md), off elsewhere: the reference modules are what fused runs are held to,
     triton on a CPU is its interpreter (a test vehicle), and on CUDA bf16 is not measured yet."""
     if amp != "auto":
         return amp, None

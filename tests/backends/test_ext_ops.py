@@ -5,8 +5,8 @@ torch.compile. test_ext_isa.py checks each ISA build of the CPU kernels, test_ex
 CPU-only forms of blocks, test_ext_library.py the ops' torch.library registrations, test_ext_errors.py
 bad inputs and the missing extension.
 
-Run on the CPU here and on CUDA where there is one (tests.backends.utils.DEVICE). Without a built extension these tests fail, naming the build log, unless GAN_FAST_NO_EXT=1
-(then they are skipped).
+Run on the CPU here and on CUDA where there is one (tests.backends.utils.DEVICE). Without a built
+extension these tests fail, naming the build log, unless GAN_FAST_NO_EXT=1 (then they are skipped).
 """
 from __future__ import annotations
 
