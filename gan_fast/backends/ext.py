@@ -17,7 +17,9 @@ at run time like ATen's own; ``cpu_kernel_isa`` names the pick) and CUDA kernels
 This module registers their fake (meta) kernels and autograd formulas through ``torch.library``
 (the pytorch/extension-cpp layout), so they work under autograd, torch.compile and CUDA-graph
 capture, and composes them into the blocks of docs/ops.md. The blocks' convolutions and Linear
-layers are ATen's; the BatchNorm, activation and loss parts are the extension's.
+layers are ATen's (on a CPU, G's first block from the 1x1 latent as one GEMM, and the bf16 weight
+gradients of the deep blocks as im2col + one GEMM: _ConvFunction); the BatchNorm, activation and loss
+parts are the extension's.
 
 Importing this module never raises: without a loadable ``gan_fast._C``, ``unavailable_reason()``
 says why and the ops raise BackendUnavailable.
