@@ -113,7 +113,7 @@ def _conv_block(name, k, stride, padding):
 def test_deep_conv_blocks_compute_16_bit_weight_gradients_as_one_gemm(name, n, cin, cout, size, k, stride,
                                                                        padding, gemm):
     # issue #16: oneDNN's bf16 backward-weights of D's and G's deep layers ran at a fraction of its
-    # forward's rate; there the blocks compute it as im2col + one GEMM (ext._weight_grad_is_a_gemm),
+    # forward's rate; there the blocks compute it as im2col + one GEMM (ext_conv._weight_grad_is_a_gemm),
     # held to the reference's own bf16 error against fp64; fp16 and fp32 keep ATen's
     transposed = name == "conv_transpose2d_bn_relu"
     w = make_input((cin, cout, k, k) if transposed else (cout, cin, k, k), scale=0.1).detach()
