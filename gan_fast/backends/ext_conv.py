@@ -15,9 +15,9 @@ __all__ = ["conv", "conv_transpose2d_of_a_point"]
 def conv_transpose2d_of_a_point(x: Tensor, weight: Tensor) -> Tensor:
     """conv_transpose2d of a 1x1 input with padding 0 (G's first layer, from the latent vector) as one
     matrix product: out[n, co, i, j] = sum_ci x[n, ci] * weight[ci, co, i, j], so the output's rows
-    are x [N, C_in] @ weight [C_in, kH * kW * C_out]. oneDNN's CPU transposed convolution spends
-    ~1 ms on this 8-MFLOP product at the digits size (a few percent of the training step), a GEMM
-    ~0.1 ms. The weight's layout decides the output's: a channels_last weight is (ci, i, j, co) in
+    are x [N, C_in] @ weight [C_in, kH * kW * C_out]. At the digits size oneDNN's CPU transposed
+    convolution took 1.4-1.7 ms for this 8-MFLOP product, forward + backward (a few percent of the
+    training step), the GEMM form 0.5 ms. The weight's layout decides the output's: a channels_last weight is (ci, i, j, co) in
     memory and gives a channels_last output, a contiguous one (ci, co, i, j) a contiguous output; both
     are views, and autograd's matmul backward gives x's and the weight's gradients as GEMMs too."""
     n, cin, cout, kh, kw = x.shape[0], x.shape[1], weight.shape[1], weight.shape[2], weight.shape[3]
