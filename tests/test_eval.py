@@ -224,13 +224,12 @@ def _final_fd(backend: str, seed: int, out: str, amp: str = "off") -> float:
 
 @needs_ext
 def test_fused_ext_learns_what_the_reference_learns(tmp_path, one_thread):
-    # ext in fp32, and in bf16 autocast (what --fused trains in by default on a CPU with native bf16,
-    # issue #16), each held to the fp32 reference's band
+    # ext in bf16 autocast (what --fused trains in by default on a CPU with native bf16, issue #16),
+    # held to the fp32 reference's band; ext in fp32 is held to the reference's own numbers by the
+    # op tests and test_fuse's ten-step trajectory (one run fewer keeps CI under its 30 minutes)
     reference = [_final_fd("reference", s, str(tmp_path / f"ref{s}")) for s in REFERENCE_SEEDS]
-    fused = {amp: _final_fd("ext", REFERENCE_SEEDS[0], str(tmp_path / f"ext-{amp}"), amp) for amp in ("off", "bf16")}
+    fused = _final_fd("ext", REFERENCE_SEEDS[0], str(tmp_path / "ext"), "bf16")
     lo, hi, margin = min(reference), max(reference), parity_margin(reference)
-    summary = (f"reference seeds {[round(f, 1) for f in reference]}, ext fp32 {fused['off']:.1f}, "
-               f"ext bf16 {fused['bf16']:.1f}, margin {margin:.1f}")
+    summary = f"reference seeds {[round(f, 1) for f in reference]}, ext bf16 {fused:.1f}, margin {margin:.1f}"
     assert hi < 0.25 * 3722, "the reference did not learn: " + summary  # untrained G: 3722
-    for fd in fused.values():
-        assert lo - margin <= fd <= hi + margin, summary
+    assert lo - margin <= fused <= hi + margin, summary
