@@ -103,7 +103,7 @@ class _Contender:
         self.times += time_rounds(self.runner, 1, self.warm.steps_per_measure)
         self.memory_bytes, self.memory_kind = meter.peak_bytes(), meter.kind
 
-    def measured(self, timing: Timing) -> dict:
+    def measured(self) -> dict:
         """The fields measure() returns, from this contender's rounds."""
         median, w = statistics.median(self.times), self.warm
         out = dict(median_s=median, times_s=self.times, steps_per_measure=w.steps_per_measure,
@@ -136,23 +136,21 @@ def run_case_interleaved(case: Case, providers: list[str], device: torch.device,
                 for variant in eager_variants(case) if provider == EAGER_BEST else [None]:
                     contenders.append(_Contender(case, provider, device, timing, variant))
             except Exception as e:  # noqa: BLE001 - one provider's failure is a result, not the end of the run
-                if verbose:
-                    traceback.print_exc()
-                rows[provider].update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
-                for c in contenders:
-                    if c.provider == provider:
-                        c.runner.close()
-                contenders = [c for c in contenders if c.provider != provider]
-        n = len(contenders)
+                contenders = _drop(contenders, rows[provider], e, verbose)
         for r in range(1, timing.rounds):  # round 0 was each one's own, alone, with its memory
-            for i in range(n):
-                c = contenders[(r + i) % n]
-                c.times += time_rounds(c.runner, 1, c.warm.steps_per_measure)
+            turn = contenders[r % len(contenders):] + contenders[:r % len(contenders)] if contenders else []
+            for c in turn:
+                if c not in contenders:  # its provider failed earlier in this turn
+                    continue
+                try:
+                    c.times += time_rounds(c.runner, 1, c.warm.steps_per_measure)
+                except Exception as e:  # noqa: BLE001 - as above, in a later round
+                    contenders = _drop(contenders, rows[c.provider], e, verbose)
         for provider, row in rows.items():
             mine = [c for c in contenders if c.provider == provider]
             if not mine or "status" in row:
                 continue
-            by_variant = {c.variant: c.measured(timing) for c in mine}
+            by_variant = {c.variant: c.measured() for c in mine}
             if provider == EAGER_BEST:
                 variant = min(by_variant, key=lambda v: by_variant[v]["median_s"])
                 row.update(variant=variant, variants_median_s={v: m["median_s"] for v, m in by_variant.items()})
@@ -166,6 +164,17 @@ def run_case_interleaved(case: Case, providers: list[str], device: torch.device,
         contenders.clear()
         cleanup(device)
     return list(rows.values())
+
+
+def _drop(contenders: list, row: dict, e: Exception, verbose: bool) -> list:
+    """Record ``e`` as the error of ``row``'s provider, close its contenders and return the others."""
+    if verbose:
+        traceback.print_exc()
+    row.update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
+    for c in contenders:
+        if c.provider == row["provider"]:
+            c.runner.close()
+    return [c for c in contenders if c.provider != row["provider"]]
 
 
 def _first_line(e: BaseException) -> str:

@@ -52,7 +52,7 @@ def test_tutorial_step_updates_both_networks():
 def test_providers_of_a_case_take_turns_and_a_failing_one_stops_no_other(monkeypatch):
     """python -m gan_fast.bench times a case's providers in alternation (measure.run_case_interleaved):
     each one's warm-up and first round alone, then one round each per turn, in a rotating order; a
-    provider whose build raises is an error row and the others are measured."""
+    provider whose build or a later round raises is an error row and the others are measured."""
     from gan_fast.bench.timing import Runner
 
     case = step_case("tiny", 8)
@@ -62,20 +62,26 @@ def test_providers_of_a_case_take_turns_and_a_failing_one_stops_no_other(monkeyp
         if provider == "triton":
             raise RuntimeError("no triton here\nsecond line")
         name = provider if variant is None else f"{provider}[{variant}]"
-        return Runner(lambda: calls.append(name), device, 0.0)
+
+        def call():
+            if provider == "ext" and calls.count(name) == 2:  # warm-up and first round, then it fails
+                raise ValueError("lost the device")
+            calls.append(name)
+        return Runner(call, device, 0.0)
 
     monkeypatch.setattr(measure, "build_case", fake_build)
     monkeypatch.setattr(measure, "unavailable_reason", lambda *a: None)
     timing = default_timing("cpu", quick=True)
     timing.warmup, timing.rounds, timing.steps_per_measure = 1, 3, 1
-    rows = measure.run_case_interleaved(case, ["tutorial", "triton", EAGER_BEST], torch.device("cpu"), timing,
-                                        None)
+    rows = measure.run_case_interleaved(case, ["tutorial", "triton", EAGER_BEST, "ext"], torch.device("cpu"),
+                                        timing, None)
     names = ["tutorial", *(f"{EAGER_BEST}[{v}]" for v in eager_variants(case))]
-    solo = [n for n in names for _ in range(2)]  # warm-up call, then its first round
-    turns = names[1:] + names[:1] + names[2:] + names[:2]  # rounds 1 and 2, each started one later
+    solo = [n for n in names + ["ext"] for _ in range(2)]  # warm-up call, then its first round
+    turns = names[1:] + names[:1] + names[2:] + names[:2]  # rounds 1 and 2, each started one later; ext failed
     assert calls == solo + turns
     by = {r["provider"]: r for r in rows}
     assert by["triton"]["status"] == "error" and by["triton"]["reason"] == "RuntimeError: no triton here"
+    assert by["ext"]["status"] == "error" and by["ext"]["reason"] == "ValueError: lost the device"
     for provider in ("tutorial", EAGER_BEST):
         assert by[provider]["status"] == "ok" and by[provider]["rounds"] == 3 and by[provider]["interleaved"]
     assert by[EAGER_BEST]["variant"] in eager_variants(case)
