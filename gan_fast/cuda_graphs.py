@@ -111,7 +111,7 @@ def warm_up(trainer, real_u8: torch.Tensor, steps: int = WARMUP_STEPS) -> None:
     saved.restore()
 
 
-def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool, fused: bool = False) -> None:
+def set_adam_flags(optimizer: torch.optim.Optimizer, capturable: bool, fused: bool = False) -> None:
     """Set Adam's ``capturable`` and ``fused`` for this run, after load_state_dict (which restores the
     flags of the run that wrote the checkpoint): a checkpoint of a graphed CUDA run resumes on a CPU,
     an eager one under --cuda-graphs, a CPU run's (fused) on CUDA. A capturable Adam keeps its step

@@ -26,7 +26,7 @@ from . import guard
 from .backends import BackendUnavailable, ops_for, resolve
 from .config import (ArgumentParser, TrainConfig, UserError, add_model_flags, add_train_flags, config_from_args,
                      given_flags, pick_device, resumed_config, run_cli)
-from .cuda_graphs import set_capturable
+from .cuda_graphs import set_adam_flags
 from .datasets import SKIPPED_FILES_NAME, load_dataset, to_model_input
 from .eval import build_evaluator, format_metrics
 from .fuse import discriminator_loss, fuse
@@ -255,8 +255,8 @@ class Trainer:
             raise UserError(f"checkpoint does not match the models: {e}") from None
         # load_state_dict brings back the capturable and fused flags of the run that wrote the
         # checkpoint; this run's device and --cuda-graphs decide them
-        set_capturable(self.optG, self.use_cuda_graphs, self.fused_adam)
-        set_capturable(self.optD, self.use_cuda_graphs, self.fused_adam)
+        set_adam_flags(self.optG, self.use_cuda_graphs, self.fused_adam)
+        set_adam_flags(self.optD, self.use_cuda_graphs, self.fused_adam)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
