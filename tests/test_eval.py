@@ -3,7 +3,6 @@ import os
 import re
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -189,22 +188,20 @@ def test_eval_cli_errors(tmp_path):
 
 # ------------------------------------------------------------- parity: fused learns what reference learns
 
-# The digits default shrunk for CI: batch 32 instead of 64 (~2 min on 2 free cores, one thread).
-# At 400 steps the reference's digits FD is ~170-230 (from ~3700 untrained), so "learned" and
+# The digits default shrunk for CI: batch 32 instead of 64 (~1 min a run on 2 free cores, one thread).
+# At 400 steps the reference's digits FD is ~150-250 (from ~3700 untrained), so "learned" and
 # "learned as well" are both visible. bench/quality_parity.py runs the long version.
 PARITY_FLAGS = ["--ngf", "32", "--ndf", "32", "--batch-size", "32", "--steps", "400", "--eval-every", "400",
                 "--eval-n", "500", "--log-every", "400", "--sample-every", "100000",
                 "--checkpoint-every", "100000"]
-REFERENCE_SEEDS = (0, 1, 2)
-
-
-def parity_margin(reference_fds: list[float]) -> float:
-    """How far outside the reference seeds' [min, max] a fused run may land: the spread itself, and at
-    least 25% of the median. GAN training is chaotic, so a fused run from the same seed (other rounding)
-    is one more draw from the seed-to-seed distribution, not a copy of the reference run; three draws'
-    range alone would miss a fourth half of the time. A broken op is far outside (no learning stays
-    in the thousands; see docs/quality.md)."""
-    return max(max(reference_fds) - min(reference_fds), 0.25 * float(np.median(reference_fds)))
+# The accepted band of a run with PARITY_FLAGS: [min - margin, max + margin] of the reference's final FD
+# over seeds 0-3, margin = max(max - min, 0.25 x median) (bench/quality_parity.py's rule; the runs and
+# the command are in docs/quality.md). GAN training is chaotic, so a fused run from the same seed (other
+# rounding) is one more draw from the seed-to-seed distribution, not a copy of the reference run. The
+# band is measured once rather than on every CI run (three reference runs were 2 of CI's 30 minutes);
+# the test's own reference run checks that it still describes the reference on the machine at hand.
+PARITY_BAND = (43.3, 353.2)
+UNTRAINED_FD = 3722  # an untrained G; a broken op that stops learning stays in the thousands
 
 
 @pytest.fixture
@@ -226,10 +223,11 @@ def _final_fd(backend: str, seed: int, out: str, amp: str = "off") -> float:
 def test_fused_ext_learns_what_the_reference_learns(tmp_path, one_thread):
     # ext in bf16 autocast (what --fused trains in by default on a CPU with native bf16, issue #16),
     # held to the fp32 reference's band; ext in fp32 is held to the reference's own numbers by the
-    # op tests and test_fuse's ten-step trajectory (one run fewer keeps CI under its 30 minutes)
-    reference = [_final_fd("reference", s, str(tmp_path / f"ref{s}")) for s in REFERENCE_SEEDS]
-    fused = _final_fd("ext", REFERENCE_SEEDS[0], str(tmp_path / "ext"), "bf16")
-    lo, hi, margin = min(reference), max(reference), parity_margin(reference)
-    summary = f"reference seeds {[round(f, 1) for f in reference]}, ext bf16 {fused:.1f}, margin {margin:.1f}"
-    assert hi < 0.25 * 3722, "the reference did not learn: " + summary  # untrained G: 3722
-    assert lo - margin <= fused <= hi + margin, summary
+    # op tests and test_fuse's training-step trajectory
+    reference = _final_fd("reference", 0, str(tmp_path / "ref"))
+    fused = _final_fd("ext", 0, str(tmp_path / "ext"), "bf16")
+    lo, hi = PARITY_BAND
+    summary = f"reference seed 0 {reference:.1f}, ext bf16 seed 0 {fused:.1f}, accepted band [{lo}, {hi}]"
+    assert reference < 0.25 * UNTRAINED_FD, "the reference did not learn: " + summary
+    assert lo <= reference <= hi, "the band no longer describes the reference (rerun quality_parity): " + summary
+    assert lo <= fused <= hi, summary

@@ -236,24 +236,26 @@ def test_fuse_unavailable_backend_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ten_training_steps_match_reference(backend, tmp_path):
-    """The trainer's own step (D on real and fake, G through D, both Adam steps) for 10 steps from one
-    seed: the fused backend's losses follow the reference's."""
+def test_training_steps_match_reference(backend, tmp_path):
+    """The trainer's own step (D on real and fake, G through D, both Adam steps) for several steps from
+    one seed: the fused backend's losses follow the reference's. Triton runs 5 steps, the others 10: its
+    CPU interpreter takes ~13 s a step, which CI's 30 minutes can't spare."""
     from gan_fast.config import TrainConfig
     from gan_fast.train import Trainer
 
     def losses(name):
-        cfg = TrainConfig(image_size=16, nz=8, ngf=4, ndf=4, batch_size=8, steps=10, device=DEVICE,
+        cfg = TrainConfig(image_size=16, nz=8, ngf=4, ndf=4, batch_size=8, steps=steps, device=DEVICE,
                           backend=name, out=str(tmp_path / name), workers=0, amp="off")  # fp32 both
         trainer = Trainer(cfg, log=lambda *a: None)
         assert (trainer.backend == name) and (name == "reference" or fused_modules(trainer.netD))
         rows = []
         for real in trainer.data.batches(cfg.batch_size, 0, 0):
             rows.append(trainer.train_step(real))
-            if len(rows) == 10:
+            if len(rows) == steps:
                 break
         return torch.stack(rows).cpu()
 
+    steps = 5 if backend == "triton" and DEVICE == "cpu" else 10
     reference, fused = losses("reference"), losses(backend)
     # early steps agree to float rounding; GAN training amplifies differences step by step, so the
     # whole trajectory is held to a looser (still tight) bound

@@ -23,7 +23,7 @@ from ..conftest import DEVICE, needs_ext
 from .contract import invalid_variants, make_case, poison, run_case
 
 SEED = int(os.environ.get("GAN_FAST_FUZZ_SEED", "20261129"))
-CALLS = dict(zip(("ext", "triton"), map(int, os.environ.get("GAN_FAST_FUZZ_CALLS", "2000,200").split(","))))
+CALLS = dict(zip(("ext", "triton"), map(int, os.environ.get("GAN_FAST_FUZZ_CALLS", "2000,120").split(","))))
 OPS = ("conv_transpose2d_bn_relu", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv_transpose2d_tanh",
        "linear_bn_leaky_relu", "upsample_conv2d_bn_relu", "d_head_bce_with_logits", "bce_with_logits")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
