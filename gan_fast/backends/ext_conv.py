@@ -1,6 +1,11 @@
-"""The convolutions of the ext backend's blocks (gan_fast.backends.ext): ATen's, and on a CPU two GEMM
+"""The convolutions of the ext backend's blocks (gan_fast.backends.ext): ATen's, and on a CPU the GEMM
 forms that measured faster than oneDNN's there (issue #16): G's first block from the 1x1 latent as one
-matrix product, and the bf16 weight gradients of the deep blocks as im2col + one GEMM."""
+matrix product, the bf16 weight gradients of the deep blocks as im2col + one GEMM, and the fp32
+forward and both gradients of the deepest, widest blocks (im2col + GEMM, GEMM + col2im).
+
+The GEMM forms are the classic lowering of a convolution to a matrix product (Chellapilla et al. 2006,
+"High Performance Convolutional Neural Networks for Document Processing"; Caffe's im2col / col2im),
+written for channels_last memory, where an im2col row is kH * kW runs of C_in contiguous values."""
 from __future__ import annotations
 
 import torch
@@ -17,9 +22,10 @@ def conv_transpose2d_of_a_point(x: Tensor, weight: Tensor) -> Tensor:
     matrix product: out[n, co, i, j] = sum_ci x[n, ci] * weight[ci, co, i, j], so the output's rows
     are x [N, C_in] @ weight [C_in, kH * kW * C_out]. At the digits size oneDNN's CPU transposed
     convolution took 1.4-1.7 ms for this 8-MFLOP product, forward + backward (a few percent of the
-    training step), the GEMM form 0.5 ms. The weight's layout decides the output's: a channels_last weight is (ci, i, j, co) in
-    memory and gives a channels_last output, a contiguous one (ci, co, i, j) a contiguous output; both
-    are views, and autograd's matmul backward gives x's and the weight's gradients as GEMMs too."""
+    training step), the GEMM form 0.5 ms. The weight's layout decides the output's: a channels_last
+    weight is (ci, i, j, co) in memory and gives a channels_last output, a contiguous one (ci, co, i, j)
+    a contiguous output; both are views, and autograd's matmul backward gives x's and the weight's
+    gradients as GEMMs too."""
     n, cin, cout, kh, kw = x.shape[0], x.shape[1], weight.shape[1], weight.shape[2], weight.shape[3]
     rows = x.reshape(n, cin)
     if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
@@ -43,6 +49,72 @@ def _weight_grad_is_a_gemm(x: Tensor, grad_y: Tensor, weight: Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
+def _fp32_layer_is_a_gemm(tensors: tuple, out_hw: tuple, weight: Tensor) -> bool:
+    """Where a conv2d whose output has ``out_hw`` pixels (for a transposed convolution, the conv2d whose
+    input gradient it is) runs forward and backward as GEMMs on the CPU in fp32, ``tensors`` being its
+    activations at hand (input, output gradient): all fp32 channels_last,
+    at most 16 output pixels and a weight of at least 2^20 values (4 MiB), i.e. the deepest blocks of
+    DCGAN-64 and larger (256 <-> 512 channels at 8x8 <-> 4x4). There oneDNN's fp32 kernels measured
+    25-45% slower than the GEMM forms on the 2-core Xeon of issue #16 (batch 16: forward 6.2 -> 4.7 ms,
+    input gradient 7.5 -> 5.4, weight gradient 9.1 -> 4.2; 512 -> 1024 channels: 48 -> 20, 38 -> 21,
+    69 -> 31), at batch 16 to 64. With fewer channels (128 -> 256) the two tied, and with more output
+    pixels (8x8) oneDNN's forward won; the rule keeps oneDNN there. Fixed, as _weight_grad_is_a_gemm."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 4
+            and weight.shape[2:].numel() > 1 and weight.numel() >= 1 << 20 and 0 < out_hw[0] * out_hw[1] <= 16
+            and all(t.dtype == torch.float32 and t.dim() == 4 and t.shape[0] > 0 and t.device.type == "cpu"
+                    and t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
+
+
+def _im2col(x: Tensor, kernel: tuple, stride: tuple, padding: tuple, out_hw: tuple) -> Tensor:
+    """[N * OH * OW, kH * kW * C_in]: row (n, oh, ow) holds the kernel's window at (oh, ow) in (i, j, ci)
+    order; one strided view of the padded input and one copy."""
+    n, cin = x.shape[:2]
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    s = xp.stride()  # NCHW-order strides (of channels_last memory, in the fast case)
+    cols = xp.as_strided((n, *out_hw, *kernel, cin), (s[0], stride[0] * s[2], stride[1] * s[3], s[2], s[3], s[1]))
+    return cols.reshape(n * out_hw[0] * out_hw[1], kernel[0] * kernel[1] * cin)
+
+
+def _weight_matrix(weight: Tensor) -> Tensor:
+    """A conv2d weight [C_out, C_in, kH, kW] as [C_out, (i, j, ci)]: a view of a channels_last weight."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def _conv2d_gemm(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Tensor:
+    """conv2d(x, weight) as im2col(x) @ weight^T, returned channels_last."""
+    kernel = tuple(weight.shape[2:])
+    out_hw = tuple((x.shape[2 + d] + 2 * padding[d] - kernel[d]) // stride[d] + 1 for d in (0, 1))
+    y = _im2col(x, kernel, stride, padding, out_hw) @ _weight_matrix(weight).t()
+    return y.view(x.shape[0], *out_hw, weight.shape[0]).permute(0, 3, 1, 2)
+
+
+def _taps(size: int, out: int, k: int, stride: int, pad: int):
+    """For each kernel offset i: the slice of output positions o whose input position s*o + i - p lies in
+    [0, size), and the slice of those input positions."""
+    for i in range(k):
+        lo = max(0, -((i - pad) // stride))  # the first o with s*o + i - p >= 0
+        hi = min(out - 1, (size - 1 + pad - i) // stride)  # the last o with s*o + i - p < size
+        if lo <= hi:
+            first = stride * lo + i - pad
+            yield i, slice(lo, hi + 1), slice(first, first + stride * (hi - lo) + 1, stride)
+
+
+def _conv2d_input_grad_gemm(grad_y: Tensor, weight: Tensor, image_hw: tuple, stride: tuple,
+                            padding: tuple) -> Tensor:
+    """conv2d's input gradient (= conv_transpose2d(grad_y, weight)) as dY [N*OH*OW, C_out] @ weight
+    [C_out, (i, j, ci)], then col2im: each tap's block of columns added into the image at its stride
+    (kH * kW strided adds, clipped to the image, so no padded copy). Returned channels_last."""
+    n, cout, oh, ow = grad_y.shape
+    cin, (kh, kw) = weight.shape[1], weight.shape[2:]
+    rows = grad_y.permute(0, 2, 3, 1).reshape(n * oh * ow, cout)
+    cols = (rows @ _weight_matrix(weight)).view(n, oh, ow, kh, kw, cin)
+    image = cols.new_zeros(n, image_hw[0], image_hw[1], cin)
+    for i, out_rows, in_rows in _taps(image_hw[0], oh, kh, stride[0], padding[0]):
+        for j, out_cols, in_cols in _taps(image_hw[1], ow, kw, stride[1], padding[1]):
+            image[:, in_rows, in_cols] += cols[:, out_rows, out_cols, i, j]
+    return image.permute(0, 3, 1, 2)
+
+
 def _conv2d_weight_grad_gemm(x: Tensor, grad_y: Tensor, kernel: tuple, stride: tuple, padding: tuple) -> Tensor:
     """conv2d's weight gradient dW[co, ci, i, j] = sum_{n, oh, ow} dY[n, co, oh, ow] x[n, ci, s*oh+i-p, s*ow+j-p]
     as dY [N*OH*OW, C_out]^T @ im2col(x) [N*OH*OW, kH*kW*C_in]: with channels_last x each im2col row
@@ -60,19 +132,37 @@ def _conv2d_weight_grad_gemm(x: Tensor, grad_y: Tensor, kernel: tuple, stride: t
     return dw.view(cout, kh, kw, cin).permute(0, 3, 1, 2)
 
 
+def _forward(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> Tensor:
+    """F.conv2d / F.conv_transpose2d, or their GEMM form where _fp32_layer_is_a_gemm says so (never under
+    autocast: the rule is fp32's). A transposed convolution is the input gradient of the conv2d whose
+    weight is its own ([C_in, C_out, kH, kW] is conv2d's [C_out', C_in', kH, kW])."""
+    if x.device.type == "cpu" and x.dim() == 4 and not torch.is_autocast_enabled("cpu"):
+        if transposed:
+            image_hw = tuple((x.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + weight.shape[2 + d] for d in (0, 1))
+            if (weight.dim() == 4 and x.shape[1] == weight.shape[0] and min(image_hw) > 0
+                    and _fp32_layer_is_a_gemm((x,), tuple(x.shape[2:]), weight)):
+                return _conv2d_input_grad_gemm(x, weight, image_hw, stride, padding)
+        elif weight.dim() == 4 and x.shape[1] == weight.shape[1]:
+            out_hw = tuple((x.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1 for d in (0, 1))
+            if min(out_hw) > 0 and _fp32_layer_is_a_gemm((x,), out_hw, weight):
+                return _conv2d_gemm(x, weight, stride, padding)
+    return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)
+
+
 class _ConvFunction(torch.autograd.Function):
-    """F.conv2d or F.conv_transpose2d (no bias, no output padding, dilation 1, one group) whose weight
-    gradient is a GEMM where _weight_grad_is_a_gemm says so; the input gradient and every other case
-    are ATen's convolution_backward, as the functions' own backward computes them. A transposed
-    convolution's weight gradient dW[ci, co, i, j] = sum x[n, ci, ih, iw] dY[n, co, s*ih+i-p, s*iw+j-p]
-    is conv2d's with dY as its input and x as its output gradient, [C_in, C_out, kH, kW] as the
-    transposed weight is laid out."""
+    """F.conv2d or F.conv_transpose2d (no bias, no output padding, dilation 1, one group) whose forward
+    and gradients are GEMMs where _fp32_layer_is_a_gemm says so, and whose weight gradient is one
+    where _weight_grad_is_a_gemm says so; every other case is ATen's convolution_backward, as the
+    functions' own backward computes it. A transposed convolution's weight gradient
+    dW[ci, co, i, j] = sum x[n, ci, ih, iw] dY[n, co, s*ih+i-p, s*iw+j-p] is conv2d's with dY as its
+    input and x as its output gradient, [C_in, C_out, kH, kW] as the transposed weight is laid out;
+    its input gradient is conv2d(dY, weight)."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, transposed):
         ctx.save_for_backward(x, weight)
         ctx.conf = (stride, padding, transposed)
-        return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)
+        return _forward(x, weight, stride, padding, transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -85,21 +175,27 @@ class _ConvFunction(torch.autograd.Function):
                                              (grad_y,), (need_x, need_w)), None, None, None)
         x = x.to(grad_y.dtype)  # the forward's dtype (autocast's, under autocast)
         image, grad = (grad_y, x) if transposed else (x, grad_y)  # of the conv2d whose weight gradient it is
-        gemm = need_w and _weight_grad_is_a_gemm(image, grad, weight)
+        whole = _fp32_layer_is_a_gemm((image, grad), tuple(grad.shape[2:]), weight)
+        gemm_x, gemm_w = need_x and whole, need_w and (whole or _weight_grad_is_a_gemm(image, grad, weight))
         gx = gw = None
-        if need_x or (need_w and not gemm):
+        if (need_x and not gemm_x) or (need_w and not gemm_w):
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 grad_y, x, weight.to(grad_y.dtype), None, stride, padding, [1, 1], transposed, [0, 0], 1,
-                [need_x, need_w and not gemm, False])
-        if gemm:
+                [need_x and not gemm_x, need_w and not gemm_w, False])
+        if gemm_x:
+            gx = (_conv2d_gemm(grad_y, weight, stride, padding) if transposed
+                  else _conv2d_input_grad_gemm(grad_y, weight, tuple(x.shape[2:]), stride, padding))
+        if gemm_w:
             gw = _conv2d_weight_grad_gemm(image, grad, tuple(weight.shape[2:]), stride, padding)
         return gx, gw, None, None, None
 
 
 def conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> Tensor:
     """The D blocks' convolution and the G blocks' transposed convolution: _ConvFunction in eager mode
-    on a CPU (where its weight gradient may be a GEMM), the plain function elsewhere and under
-    torch.compile."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _ConvFunction.apply(x, weight, stride, padding, transposed)
+    on a CPU (where its forward and gradients may be GEMMs), _forward without autograd (sampling,
+    evaluation), the plain function elsewhere and under torch.compile."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if torch.is_grad_enabled():
+            return _ConvFunction.apply(x, weight, stride, padding, transposed)
+        return _forward(x, weight, stride, padding, transposed)
     return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)

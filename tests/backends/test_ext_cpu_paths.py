@@ -133,3 +133,50 @@ def test_deep_conv_blocks_compute_16_bit_weight_gradients_as_one_gemm(name, n, c
         gw = torch.autograd.grad(y.float().square().sum(), w)[0]
     assert seen.masks == ([] if gemm else [[False, True, False]]), seen.masks
     assert gw.dtype == torch.float32 and gw.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="the fp32 GEMM forms are the CPU's")
+@pytest.mark.parametrize("name, n, cin, cout, size, layout, gemm", [
+    ("conv2d_bn_leaky_relu", 3, 257, 259, 8, "channels_last", True),    # DCGAN-64's D: 8x8 -> 4x4
+    ("conv2d_bn_leaky_relu", 1, 256, 512, 7, "channels_last", True),    # odd size: 7x7 -> 3x3
+    ("conv2d_bn_leaky_relu", 2, 257, 259, 8, "contiguous", False),      # NCHW: oneDNN's
+    ("conv2d_bn_leaky_relu", 2, 255, 257, 8, "channels_last", False),   # weight < 2^20 values
+    ("conv2d_bn_leaky_relu", 2, 256, 256, 10, "channels_last", False),  # 25 output pixels
+    ("conv_transpose2d_bn_relu", 2, 259, 257, 4, "channels_last", True),  # DCGAN-64's G: 4x4 -> 8x8
+    ("conv_transpose2d_bn_relu", 3, 512, 256, 3, "channels_last", True),  # 3x3 -> 6x6
+    ("conv_transpose2d_bn_relu", 2, 259, 257, 5, "channels_last", False),  # 25 input pixels
+])
+def test_deepest_fp32_blocks_run_as_gemms(name, n, cin, cout, size, layout, gemm):
+    # issue #16: oneDNN's fp32 convolutions of the deepest, widest blocks (256 <-> 512 channels at
+    # 4x4) measured 25-45% slower than im2col + GEMM and GEMM + col2im (ext_conv._fp32_layer_is_a_gemm):
+    # there the blocks' forward, input and weight gradients are GEMMs, and match the reference's output,
+    # gradients and running statistics within fp32's 1e-5; eval (no autograd) takes the same forward
+    transposed = name == "conv_transpose2d_bn_relu"
+    w = make_input((cin, cout, 4, 4) if transposed else (cout, cin, 4, 4), scale=0.05).detach()
+    w = w.contiguous(memory_format=torch.channels_last).requires_grad_()
+    gamma, beta, rm, rv = bn_params(cout, True)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    fused, ref = _conv_block(name, 4, 2, 1)
+    for training in (True, False):
+        x = make_input((n, cin, size, size), layout)
+        with _OpNames() as ops:
+            y = fused(x, w, gamma, beta, rm, rv, training)
+            dy = make_input(y.shape, requires_grad=False)
+            got = grads(y, [x, w, gamma, beta], dy)
+        y_ref = ref(x, w, gamma, beta, rm_ref, rv_ref, training)
+        convs = {"aten::convolution", "aten::convolution_backward"} & ops.names
+        assert (not convs) == gemm and ("aten::mm" in ops.names) == gemm, ops.names
+        assert_close(y, y_ref, RTOL, f"output (training={training})")
+        for g, want, label in zip(got, grads(y_ref, [x, w, gamma, beta], dy), ["x", "weight", "gamma", "beta"]):
+            assert_close(g, want, RTOL, f"d {label} (training={training})")
+        assert_close(rm, rm_ref, RTOL, "running_mean")
+        assert_close(rv, rv_ref, RTOL, "running_var")
+        if gemm:
+            assert y.is_contiguous(memory_format=torch.channels_last) and got[0].is_contiguous(
+                memory_format=torch.channels_last)
+    x = make_input((n, cin, size, size), layout, requires_grad=False)
+    with torch.no_grad(), _OpNames() as ops:
+        y = fused(x, w, gamma, beta, rm, rv, False)
+    assert ("aten::convolution" not in ops.names) == gemm, ops.names
+    assert_close(y, ref(x, w, gamma, beta, rm_ref, rv_ref, False), RTOL, "eval output, no autograd")
