@@ -32,6 +32,7 @@ from .eval import build_evaluator, format_metrics
 from .fuse import discriminator_loss, fuse
 from .images import save_grid
 from .models import build_models
+from .optim import Adam
 from .run_log import IntervalStats, MetricsLog, Progress
 from .signals import StopFlag
 
@@ -120,12 +121,13 @@ class Trainer:
         # capturable: Adam keeps its step count on the device, so its step can be graph-captured.
         # fused on a CPU: torch's one-pass Adam kernel over all of a model's tensors, where the default
         # runs 7 ops per tensor (a DCGAN-64 G's step: 13.5 -> 2.3 ms on 2 cores; the same update up to
-        # rounding). CUDA keeps torch's default (foreach) until it is measured there.
+        # rounding), fed channels_last tensors as flat views (gan_fast.optim). CUDA keeps torch's
+        # default (foreach) until it is measured there.
         self.fused_adam = self.device.type == "cpu"
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, 0.999), capturable=self.use_cuda_graphs,
                     fused=self.fused_adam or None)
-        self.optG = torch.optim.Adam(self.netG.parameters(), **adam)
-        self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
+        self.optG = Adam(self.netG.parameters(), **adam)
+        self.optD = Adam(self.netD.parameters(), **adam)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.step = 0
         self.interval = IntervalStats(0)  # the statistics since the last metrics row
