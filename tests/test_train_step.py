@@ -4,6 +4,7 @@ activation layout end to end (issue #16 item 1)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 
 import pytest
@@ -218,3 +219,25 @@ def test_cpu_trainer_steps_with_one_fused_adam_kernel_per_model(tmp_path):
     assert "G.main.0.weight" in moved and "D.main.0.weight" in moved, moved
     for name, value in fused.items():
         torch.testing.assert_close(value, default[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@needs_ext
+def test_a_reference_checkpoint_resumed_with_ext_steps_as_the_plain_adam_does(tmp_path):
+    # a CPU reference run keeps G and D in NCHW, an ext run in channels_last: resuming the first with
+    # --backend ext loads NCHW Adam moments beside channels_last weights, where torch 2.13's fused CPU
+    # Adam moved the weights wrongly (gan_fast.optim); the trainer's step must be the for-loop Adam's
+    writer = _trainer(tmp_path, "reference")
+    _run(writer, 2)
+    state = writer.state_dict()
+    results = []
+    for fused in (True, False):
+        trainer = _trainer(tmp_path / str(fused), "ext")
+        assert trainer.channels_last and not writer.channels_last
+        trainer._load_state(copy.deepcopy(state))  # as from disk: nothing shared between the runs
+        for opt in (trainer.optG, trainer.optD):
+            for group in opt.param_groups:
+                group.update(fused=fused or None, foreach=False)
+        torch.manual_seed(5)
+        results.append(_run(trainer, 1)[1])
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
