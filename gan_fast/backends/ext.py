@@ -17,9 +17,10 @@ at run time like ATen's own; ``cpu_kernel_isa`` names the pick) and CUDA kernels
 This module registers their fake (meta) kernels and autograd formulas through ``torch.library``
 (the pytorch/extension-cpp layout), so they work under autograd, torch.compile and CUDA-graph
 capture, and composes them into the blocks of docs/ops.md. The blocks' convolutions and Linear
-layers are ATen's (on a CPU, G's first block from the 1x1 latent as one GEMM, and the bf16 weight
-gradients of the deep blocks as im2col + one GEMM: ext_conv.py); the BatchNorm, activation and loss
-parts are the extension's.
+layers are ATen's (on a CPU, GEMM forms where they measured faster: ext_conv.py); the BatchNorm,
+activation and loss parts are the extension's. In eager mode on a CPU, conv_act runs as the ATen
+calls it makes there, and bn_act and d_head_bce through plain autograd.Functions: torch.library's
+Python autograd layer cost more than the ops at small sizes (issue #16).
 
 Importing this module never raises: without a loadable ``gan_fast._C``, ``unavailable_reason()``
 says why and the ops raise BackendUnavailable.
@@ -240,14 +241,34 @@ def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
 
 def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope) -> Tensor:
     """Conv2d -> LeakyReLU (D's first layer); bias may be None."""
-    return _ops().conv_act(x, weight, bias, pair(stride, "stride", 1), pair(padding, "padding", 0), False,
-                           ACT_LEAKY_RELU, check_slope(negative_slope))
+    return _conv_act(x, weight, bias, pair(stride, "stride", 1), pair(padding, "padding", 0), False,
+                     ACT_LEAKY_RELU, check_slope(negative_slope))
 
 
 def conv_transpose2d_tanh(x, weight, bias, *, stride, padding) -> Tensor:
     """ConvTranspose2d -> Tanh (G's last layer); bias may be None."""
-    return _ops().conv_act(x, weight, bias, pair(stride, "stride", 1), pair(padding, "padding", 0), True,
-                           ACT_TANH, 0.0)
+    return _conv_act(x, weight, bias, pair(stride, "stride", 1), pair(padding, "padding", 0), True, ACT_TANH, 0.0)
+
+
+def _conv_act(x, weight, bias, stride, padding, transposed, act, slope) -> Tensor:
+    """The conv_act op; in eager mode on a CPU, for a well-formed call, the same ATen convolution and
+    activation under ATen's own autograd. On a CPU the op has no kernel of its own (csrc/common.h
+    conv_act_forward / conv_act_backward call exactly these ATen functions), and its torch.library
+    autograd layer cost 200-300 us per forward + backward at the digits size, nearly doubling eager's
+    Conv2d + LeakyReLU (issue #16). Any other call (CUDA, torch.compile, a malformed one: the op's
+    messages) goes through the op."""
+    ops = _ops()
+    out_channels = weight.shape[1 if transposed else 0] if weight.dim() == 4 else -1
+    if (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dim() == 4 and weight.dim() == 4
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.device == x.device and x.shape[1] == weight.shape[0 if transposed else 1]
+            and (bias is None or (bias.dtype == x.dtype and bias.device == x.device
+                                  and tuple(bias.shape) == (out_channels,)))
+            and min(_conv_out_shape(x, weight, stride, padding, transposed)) > 0):
+        z = (F.conv_transpose2d if transposed else F.conv2d)(x, weight, bias, stride, padding)
+        z = z.contiguous(memory_format=_conv_format(x))  # the op's layout rule; a no-op but for 1 channel
+        return torch.tanh_(z) if act == ACT_TANH else F.leaky_relu_(z, slope)
+    return ops.conv_act(x, weight, bias, stride, padding, transposed, act, slope)
 
 
 def linear_bn_leaky_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
@@ -303,7 +324,9 @@ def d_head_bce_with_logits(x, weight, target) -> tuple[Tensor, Tensor]:
     inputs (float64 for float64), as autocast computes binary_cross_entropy_with_logits.
     """
     target = _as_target(target, x)
-    loss, logits = _ops().d_head_bce(x, weight, target)
+    ops = _ops()  # BackendUnavailable first, where the extension is missing
+    d_head_bce = ops.d_head_bce if torch.compiler.is_compiling() else _DHeadFunction.apply
+    loss, logits = d_head_bce(x, weight, target)
     return loss.to(loss_dtype(x.dtype, target.dtype)), logits
 
 
@@ -418,6 +441,41 @@ class _BnActFunction(torch.autograd.Function):
     backward = staticmethod(_bn_backward)
 
 
+def _head_setup(ctx, inputs, output):
+    x, weight, target = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, target, output[1])
+
+
+def _head_backward(ctx, grad_loss, _grad_logits):
+    """d_head_bce's gradients (torch.library's autograd formula, and _DHeadFunction's backward)."""
+    x, weight, target, logits = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+        return tuple(differentiable_backward(reference.d_head_bce_with_logits, (x, weight, target),
+                                             (grad_loss, None), need))
+    gx = gw = gt = None
+    if need[0] or need[1]:
+        gx, gw = torch.ops.gan_fast.d_head_bce_backward(grad_loss, x, weight, target, logits, [need[0], need[1]])
+    if need[2]:
+        gt = _sum_to(logits.to(grad_loss.dtype) * (-grad_loss / logits.numel()), target)
+    return (gx if need[0] else None), (gw if need[1] else None), gt
+
+
+class _DHeadFunction(torch.autograd.Function):
+    """d_head_bce under autograd in eager mode, as _BnActFunction is for bn_act: the op's kernels and
+    formula without torch.library's Python autograd layer (three calls per DCGAN step)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, target):
+        with _below_autograd():
+            output = torch.ops.gan_fast.d_head_bce(x, weight, target)
+        _head_setup(ctx, (x, weight, target), output)
+        return output
+
+    backward = staticmethod(_head_backward)
+
+
 def _conv_act_reference(x, weight, bias, stride, padding, transposed, act, slope):
     """conv_act's output as torch ops (for second-order gradients)."""
     conv = F.conv_transpose2d if transposed else F.conv2d
@@ -530,27 +588,7 @@ def _register() -> None:
                 torch.empty(weight.shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(weight))
                 if output_mask[1] else x.new_empty((0,)))  # never one shared [0]: see conv_act_backward
 
-    def head_setup(ctx, inputs, output):
-        x, weight, target = inputs
-        _, logits = output
-        ctx.mark_non_differentiable(logits)
-        ctx.save_for_backward(x, weight, target, logits)
-
-    def head_backward(ctx, grad_loss, _grad_logits):
-        x, weight, target, logits = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            return tuple(differentiable_backward(reference.d_head_bce_with_logits, (x, weight, target),
-                                                 (grad_loss, None), need))
-        gx = gw = gt = None
-        if need[0] or need[1]:
-            gx, gw = torch.ops.gan_fast.d_head_bce_backward(grad_loss, x, weight, target, logits,
-                                                            [need[0], need[1]])
-        if need[2]:
-            gt = _sum_to(logits.to(grad_loss.dtype) * (-grad_loss / logits.numel()), target)
-        return (gx if need[0] else None), (gw if need[1] else None), gt
-
-    torch.library.register_autograd(lib + "d_head_bce", head_backward, setup_context=head_setup)
+    torch.library.register_autograd(lib + "d_head_bce", _head_backward, setup_context=_head_setup)
 
 
 if _LOAD_ERROR is None:

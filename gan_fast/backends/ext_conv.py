@@ -195,7 +195,29 @@ def conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: b
     on a CPU (where its forward and gradients may be GEMMs), _forward without autograd (sampling,
     evaluation), the plain function elsewhere and under torch.compile."""
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        if torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return _forward(x, weight, stride, padding, transposed)
+        if _a_gemm_may_apply(x, weight, stride, padding, transposed):
             return _ConvFunction.apply(x, weight, stride, padding, transposed)
-        return _forward(x, weight, stride, padding, transposed)
+    # ATen's own autograd: _ConvFunction would compute the same, through a Python forward and backward
+    # (~0.1 ms a call, 15-20 calls a step: most of the step at a small batch)
     return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)
+
+
+def _a_gemm_may_apply(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> bool:
+    """Whether _ConvFunction's forward or backward could take a GEMM form for this call: a superset of
+    _fp32_layer_is_a_gemm and _weight_grad_is_a_gemm, decided from the forward's shapes and the dtype
+    it computes in (autocast's, under autocast); the backward decides again with the real tensors."""
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[2:].numel() <= 1:
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    hw = tuple(x.shape[2:])
+    if transposed:  # the conv2d whose input gradient it is: input channels weight.shape[1], output = x
+        image_channels, out_hw = weight.shape[1], hw
+    else:
+        image_channels = x.shape[1]
+        out_hw = tuple((hw[d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1 for d in (0, 1))
+    pixels = out_hw[0] * out_hw[1]
+    fp32 = dtype == torch.float32 and weight.numel() >= 1 << 20 and pixels <= 16
+    bf16 = dtype == torch.bfloat16 and image_channels >= 64 and pixels <= 64
+    return (fp32 or bf16) and x.is_contiguous(memory_format=torch.channels_last)

@@ -1,6 +1,8 @@
 """The ext backend's CPU-only forms of its blocks, each against the reference composition it replaces
 (issue #16): G's first block (the 1x1 latent -> 4x4) as one matrix product instead of oneDNN's
-transposed convolution, and the bf16 weight gradients of D's and G's deep blocks as im2col + one GEMM.
+transposed convolution, the bf16 weight gradients of D's and G's deep blocks as im2col + one GEMM, the
+fp32 deepest blocks as GEMMs, and the eager paths that skip a Python autograd layer (conv_act as ATen's
+calls, the D head as a plain autograd.Function, convolutions without a GEMM form under ATen's autograd).
 test_ext_ops.py has every block in every layout and dtype."""
 from __future__ import annotations
 
@@ -180,3 +182,67 @@ def test_deepest_fp32_blocks_run_as_gemms(name, n, cin, cout, size, layout, gemm
         y = fused(x, w, gamma, beta, rm, rv, False)
     assert ("aten::convolution" not in ops.names) == gemm, ops.names
     assert_close(y, ref(x, w, gamma, beta, rm_ref, rv_ref, False), RTOL, "eval output, no autograd")
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="the eager CPU paths")
+@pytest.mark.parametrize("transposed", [False, True])
+def test_conv_act_in_eager_cpu_mode_is_atens_conv_and_activation(transposed):
+    # issue #16: on a CPU the conv_act op only calls ATen's convolution and activation, and its
+    # torch.library autograd layer cost 200-300 us per forward + backward: in eager mode the block runs
+    # those ATen calls under ATen's autograd, so it is the reference's arithmetic, bit for bit
+    w = make_input((37, 3, 4, 4), scale=0.2)  # conv2d: 3 -> 37 channels; transposed: 37 -> 3
+    x = make_input((2, 37, 6, 6) if transposed else (2, 3, 12, 12), "channels_last")
+    name, kw = ("conv_transpose2d_tanh", {}) if transposed else ("conv2d_leaky_relu", {"negative_slope": 0.2})
+
+    def fused(a, b):
+        return getattr(ext, name)(a, b, None, stride=2, padding=1, **kw)
+
+    def ref(a, b):
+        return getattr(reference, name)(a, b, None, stride=2, padding=1, **kw)
+
+    with _OpNames() as ops:
+        y = fused(x, w)
+        got = torch.autograd.grad(y, [x, w], torch.ones_like(y))
+    assert "gan_fast::conv_act" not in ops.names and "gan_fast::conv_act_backward" not in ops.names, ops.names
+    y_ref = ref(x, w)
+    assert torch.equal(y, y_ref) and y.stride() == y_ref.stride()
+    for g, want in zip(got, torch.autograd.grad(y_ref, [x, w], torch.ones_like(y_ref))):
+        assert torch.equal(g, want)
+    with torch.no_grad():  # sampling: the same path
+        assert torch.equal(fused(x, w), y_ref)
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="the eager CPU paths")
+def test_block_convolutions_without_a_gemm_form_use_atens_autograd():
+    # the blocks' convolutions go through ext_conv's Python autograd.Function only where a GEMM form
+    # may apply (~0.1 ms of Python a call otherwise: issue #16); elsewhere F.conv2d's own autograd
+    from gan_fast.backends import ext_conv
+
+    small = make_input((2, 32, 8, 8), "channels_last")
+    y = ext_conv.conv(small, make_input((64, 32, 4, 4)), (2, 2), (1, 1), transposed=False)
+    assert type(y.grad_fn).__name__ == "ConvolutionBackward0", y.grad_fn
+    deep = make_input((2, 256, 8, 8), "channels_last")
+    y = ext_conv.conv(deep, make_input((512, 256, 4, 4), "channels_last"), (2, 2), (1, 1), transposed=False)
+    assert type(y.grad_fn).__name__ == "_ConvFunctionBackward", y.grad_fn
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 weight-gradient GEMM's shapes
+        y = ext_conv.conv(make_input((2, 64, 8, 8), "channels_last"), make_input((128, 64, 4, 4)), (2, 2), (1, 1),
+                          transposed=False)
+    assert type(y.grad_fn).__name__ == "_ConvFunctionBackward", y.grad_fn
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="the eager CPU paths")
+def test_d_head_in_eager_mode_skips_the_library_autograd_layer():
+    x, w = make_input((3, 37, 4, 4), "channels_last"), make_input((1, 37, 4, 4), scale=0.1)
+    target = torch.tensor([1.0, 0.0, 1.0])
+    loss, logits = ext.d_head_bce_with_logits(x, w, target)
+    node = loss.grad_fn  # the loss's own node, or the fp32 cast's in front of it
+    while type(node).__name__ == "ToCopyBackward0":
+        node = node.next_functions[0][0]
+    assert type(node).__name__ == "_DHeadFunctionBackward", node
+    want, _ = reference.d_head_bce_with_logits(x, w, target)
+    assert_close(loss, want, RTOL, "loss")
+    for g, r in zip(torch.autograd.grad(loss, [x, w]), torch.autograd.grad(want, [x, w])):
+        assert_close(g, r, RTOL, "gradient")
