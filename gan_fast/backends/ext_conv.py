@@ -49,19 +49,23 @@ def _weight_grad_is_a_gemm(x: Tensor, grad_y: Tensor, weight: Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def _fp32_layer_is_a_gemm(tensors: tuple, out_hw: tuple, weight: Tensor) -> bool:
+def _deep_layer_is_a_gemm(tensors: tuple, out_hw: tuple, weight: Tensor, dtype=torch.float32) -> bool:
     """Where a conv2d whose output has ``out_hw`` pixels (for a transposed convolution, the conv2d whose
-    input gradient it is) runs forward and backward as GEMMs on the CPU in fp32, ``tensors`` being its
-    activations at hand (input, output gradient): all fp32 channels_last,
+    input gradient it is) runs as GEMMs on the CPU, ``tensors`` being its activations at hand (input,
+    output gradient) and ``dtype`` theirs and the weight's: all channels_last,
     at most 16 output pixels and a weight of at least 2^20 values (4 MiB), i.e. the deepest blocks of
     DCGAN-64 and larger (256 <-> 512 channels at 8x8 <-> 4x4). There oneDNN's fp32 kernels measured
     25-45% slower than the GEMM forms on the 2-core Xeon of issue #16 (batch 16: forward 6.2 -> 4.7 ms,
     input gradient 7.5 -> 5.4, weight gradient 9.1 -> 4.2; 512 -> 1024 channels: 48 -> 20, 38 -> 21,
     69 -> 31), at batch 16 to 64. With fewer channels (128 -> 256) the two tied, and with more output
-    pixels (8x8) oneDNN's forward won; the rule keeps oneDNN there. Fixed, as _weight_grad_is_a_gemm."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 4
+    pixels (8x8) oneDNN's forward won; the rule keeps oneDNN there. In bf16 only the im2col forms
+    (conv2d's forward, and so the transposed convolution's input gradient) are taken: oneDNN's bf16
+    forward measured 3.2 ms against 1.2 for im2col + GEMM at 256 -> 512, batch 16, while GEMM + col2im
+    would add up kH x kW bf16-rounded products where oneDNN rounds once. Fixed, as
+    _weight_grad_is_a_gemm."""
+    return (weight.device.type == "cpu" and weight.dtype == dtype and weight.dim() == 4
             and weight.shape[2:].numel() > 1 and weight.numel() >= 1 << 20 and 0 < out_hw[0] * out_hw[1] <= 16
-            and all(t.dtype == torch.float32 and t.dim() == 4 and t.shape[0] > 0 and t.device.type == "cpu"
+            and all(t.dtype == dtype and t.dim() == 4 and t.shape[0] > 0 and t.device.type == "cpu"
                     and t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
 
 
@@ -133,25 +137,28 @@ def _conv2d_weight_grad_gemm(x: Tensor, grad_y: Tensor, kernel: tuple, stride: t
 
 
 def _forward(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> Tensor:
-    """F.conv2d / F.conv_transpose2d, or their GEMM form where _fp32_layer_is_a_gemm says so (never under
-    autocast: the rule is fp32's). A transposed convolution is the input gradient of the conv2d whose
-    weight is its own ([C_in, C_out, kH, kW] is conv2d's [C_out', C_in', kH, kW])."""
-    if x.device.type == "cpu" and x.dim() == 4 and not torch.is_autocast_enabled("cpu"):
+    """F.conv2d / F.conv_transpose2d, or their GEMM form where _deep_layer_is_a_gemm says so (fp32 never
+    under autocast, which would compute the GEMM in its own dtype). A transposed convolution is the
+    input gradient of the conv2d whose weight is its own ([C_in, C_out, kH, kW] is conv2d's
+    [C_out', C_in', kH, kW])."""
+    if x.device.type == "cpu" and x.dim() == 4 and weight.dim() == 4:
+        fp32 = not torch.is_autocast_enabled("cpu")
         if transposed:
             image_hw = tuple((x.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + weight.shape[2 + d] for d in (0, 1))
-            if (weight.dim() == 4 and x.shape[1] == weight.shape[0] and min(image_hw) > 0
-                    and _fp32_layer_is_a_gemm((x,), tuple(x.shape[2:]), weight)):
+            if (fp32 and x.shape[1] == weight.shape[0] and min(image_hw) > 0
+                    and _deep_layer_is_a_gemm((x,), tuple(x.shape[2:]), weight)):
                 return _conv2d_input_grad_gemm(x, weight, image_hw, stride, padding)
-        elif weight.dim() == 4 and x.shape[1] == weight.shape[1]:
+        elif x.shape[1] == weight.shape[1]:
             out_hw = tuple((x.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1 for d in (0, 1))
-            if min(out_hw) > 0 and _fp32_layer_is_a_gemm((x,), out_hw, weight):
+            if min(out_hw) > 0 and ((fp32 and _deep_layer_is_a_gemm((x,), out_hw, weight))
+                                    or _deep_layer_is_a_gemm((x,), out_hw, weight, torch.bfloat16)):
                 return _conv2d_gemm(x, weight, stride, padding)
     return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)
 
 
 class _ConvFunction(torch.autograd.Function):
     """F.conv2d or F.conv_transpose2d (no bias, no output padding, dilation 1, one group) whose forward
-    and gradients are GEMMs where _fp32_layer_is_a_gemm says so, and whose weight gradient is one
+    and gradients are GEMMs where _deep_layer_is_a_gemm says so, and whose weight gradient is one
     where _weight_grad_is_a_gemm says so; every other case is ATen's convolution_backward, as the
     functions' own backward computes it. A transposed convolution's weight gradient
     dW[ci, co, i, j] = sum x[n, ci, ih, iw] dY[n, co, s*ih+i-p, s*iw+j-p] is conv2d's with dY as its
@@ -175,8 +182,10 @@ class _ConvFunction(torch.autograd.Function):
                                              (grad_y,), (need_x, need_w)), None, None, None)
         x = x.to(grad_y.dtype)  # the forward's dtype (autocast's, under autocast)
         image, grad = (grad_y, x) if transposed else (x, grad_y)  # of the conv2d whose weight gradient it is
-        whole = _fp32_layer_is_a_gemm((image, grad), tuple(grad.shape[2:]), weight)
-        gemm_x, gemm_w = need_x and whole, need_w and (whole or _weight_grad_is_a_gemm(image, grad, weight))
+        whole = _deep_layer_is_a_gemm((image, grad), tuple(grad.shape[2:]), weight)
+        im2col_x = transposed and _deep_layer_is_a_gemm((image, grad), tuple(grad.shape[2:]), weight, torch.bfloat16)
+        gemm_x = need_x and (whole or im2col_x)
+        gemm_w = need_w and (whole or _weight_grad_is_a_gemm(image, grad, weight))
         gx = gw = None
         if (need_x and not gemm_x) or (need_w and not gemm_w):
             gx, gw, _ = torch.ops.aten.convolution_backward(
@@ -206,7 +215,7 @@ def conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: b
 
 def _a_gemm_may_apply(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> bool:
     """Whether _ConvFunction's forward or backward could take a GEMM form for this call: a superset of
-    _fp32_layer_is_a_gemm and _weight_grad_is_a_gemm, decided from the forward's shapes and the dtype
+    _deep_layer_is_a_gemm and _weight_grad_is_a_gemm, decided from the forward's shapes and the dtype
     it computes in (autocast's, under autocast); the backward decides again with the real tensors."""
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[2:].numel() <= 1:
         return False
@@ -218,6 +227,7 @@ def _a_gemm_may_apply(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, 
         image_channels = x.shape[1]
         out_hw = tuple((hw[d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1 for d in (0, 1))
     pixels = out_hw[0] * out_hw[1]
-    fp32 = dtype == torch.float32 and weight.numel() >= 1 << 20 and pixels <= 16
-    bf16 = dtype == torch.bfloat16 and image_channels >= 64 and pixels <= 64
+    deep = weight.numel() >= 1 << 20 and pixels <= 16
+    fp32 = dtype == torch.float32 and deep
+    bf16 = dtype == torch.bfloat16 and (deep or (image_channels >= 64 and pixels <= 64))
     return (fp32 or bf16) and x.is_contiguous(memory_format=torch.channels_last)
