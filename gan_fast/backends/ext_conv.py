@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import differentiable_backward
+from .reference import conv2d_output_hw, conv_transpose2d_output_hw, differentiable_backward
 
 __all__ = ["conv", "conv_transpose2d_of_a_point"]
 
@@ -87,7 +87,7 @@ def _weight_matrix(weight: Tensor) -> Tensor:
 def _conv2d_gemm(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Tensor:
     """conv2d(x, weight) as im2col(x) @ weight^T, returned channels_last."""
     kernel = tuple(weight.shape[2:])
-    out_hw = tuple((x.shape[2 + d] + 2 * padding[d] - kernel[d]) // stride[d] + 1 for d in (0, 1))
+    out_hw = conv2d_output_hw(x.shape[2:], kernel, stride, padding)
     y = _im2col(x, kernel, stride, padding, out_hw) @ _weight_matrix(weight).t()
     return y.view(x.shape[0], *out_hw, weight.shape[0]).permute(0, 3, 1, 2)
 
@@ -121,19 +121,13 @@ def _conv2d_input_grad_gemm(grad_y: Tensor, weight: Tensor, image_hw: tuple, str
 
 def _conv2d_weight_grad_gemm(x: Tensor, grad_y: Tensor, kernel: tuple, stride: tuple, padding: tuple) -> Tensor:
     """conv2d's weight gradient dW[co, ci, i, j] = sum_{n, oh, ow} dY[n, co, oh, ow] x[n, ci, s*oh+i-p, s*ow+j-p]
-    as dY [N*OH*OW, C_out]^T @ im2col(x) [N*OH*OW, kH*kW*C_in]: with channels_last x each im2col row
-    is kH*kW runs of C_in contiguous values (one strided view and one copy), dY's rows are its memory
-    as is, and the product [C_out, (i, j, ci)] is the channels_last weight's memory. Returned in
-    grad_y's dtype, as [C_out, C_in, kH, kW] channels_last."""
-    n, cin = x.shape[:2]
+    as dY [N*OH*OW, C_out]^T @ im2col(x) [N*OH*OW, kH*kW*C_in]: dY's rows are its channels_last memory as
+    is, and the product [C_out, (i, j, ci)] is the channels_last weight's memory. Returned in grad_y's
+    dtype, as [C_out, C_in, kH, kW] channels_last."""
     cout, oh, ow = grad_y.shape[1:]
-    kh, kw = kernel
-    xp = F.pad(x.to(grad_y.dtype), (padding[1], padding[1], padding[0], padding[0]))
-    s = xp.stride()  # NCHW-order strides of channels_last memory
-    cols = xp.as_strided((n, oh, ow, kh, kw, cin), (s[0], stride[0] * s[2], stride[1] * s[3], s[2], s[3], s[1]))
-    rows = grad_y.permute(0, 2, 3, 1).reshape(n * oh * ow, cout)
-    dw = rows.t() @ cols.reshape(n * oh * ow, kh * kw * cin)
-    return dw.view(cout, kh, kw, cin).permute(0, 3, 1, 2)
+    rows = grad_y.permute(0, 2, 3, 1).reshape(-1, cout)
+    dw = rows.t() @ _im2col(x.to(grad_y.dtype), kernel, stride, padding, (oh, ow))
+    return dw.view(cout, kernel[0], kernel[1], x.shape[1]).permute(0, 3, 1, 2)
 
 
 def _forward(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> Tensor:
@@ -144,12 +138,12 @@ def _forward(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transpose
     if x.device.type == "cpu" and x.dim() == 4 and weight.dim() == 4:
         fp32 = not torch.is_autocast_enabled("cpu")
         if transposed:
-            image_hw = tuple((x.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + weight.shape[2 + d] for d in (0, 1))
+            image_hw = conv_transpose2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
             if (fp32 and x.shape[1] == weight.shape[0] and min(image_hw) > 0
                     and _deep_layer_is_a_gemm((x,), tuple(x.shape[2:]), weight)):
                 return _conv2d_input_grad_gemm(x, weight, image_hw, stride, padding)
         elif x.shape[1] == weight.shape[1]:
-            out_hw = tuple((x.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1 for d in (0, 1))
+            out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
             if min(out_hw) > 0 and ((fp32 and _deep_layer_is_a_gemm((x,), out_hw, weight))
                                     or _deep_layer_is_a_gemm((x,), out_hw, weight, torch.bfloat16)):
                 return _conv2d_gemm(x, weight, stride, padding)
@@ -220,12 +214,10 @@ def _a_gemm_may_apply(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, 
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[2:].numel() <= 1:
         return False
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    hw = tuple(x.shape[2:])
     if transposed:  # the conv2d whose input gradient it is: input channels weight.shape[1], output = x
-        image_channels, out_hw = weight.shape[1], hw
+        image_channels, out_hw = weight.shape[1], tuple(x.shape[2:])
     else:
-        image_channels = x.shape[1]
-        out_hw = tuple((hw[d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1 for d in (0, 1))
+        image_channels, out_hw = x.shape[1], conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
     pixels = out_hw[0] * out_hw[1]
     deep = weight.numel() >= 1 << 20 and pixels <= 16
     fp32 = dtype == torch.float32 and deep
