@@ -109,3 +109,25 @@ def test_a_failing_step_leaves_every_tensor_in_its_shape():
     assert params[0].shape == (6, 5, 4, 4) and params[0].is_contiguous(memory_format=CL)
     assert params[0].grad.shape == (6, 5, 4, 4) and params[0].grad.is_contiguous(memory_format=CL)
     assert opt.state[params[0]]["exp_avg"].shape == (6, 5, 4, 4)
+
+
+def test_grad_scaler_unscales_and_skips_as_with_torch_adam():
+    # --amp fp16 steps through GradScaler, which hands a fused optimizer its scale and inf flag
+    results = []
+    for cls, fused in ((Adam, True), (torch.optim.Adam, False)):
+        params = _params(3)
+        opt = cls(params, lr=0.05, fused=fused or None)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(3):
+            loss = sum((p ** 2).sum() * (i + 1) for i, p in enumerate(params))
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            if step == 1:
+                params[2].grad[0] = float("inf")  # this step is skipped and the scale halves
+            scaler.step(opt)
+            scaler.update()
+        assert scaler.get_scale() == 512.0
+        results.append(params)
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert p.stride() == q.stride()
