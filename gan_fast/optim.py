@@ -42,7 +42,6 @@ class Adam(torch.optim.Adam):
     layout than its parameter's (loaded from a checkpoint of an NCHW run) is put in the parameter's
     layout once."""
 
-    @torch.no_grad()
     def step(self, closure=None):
         swapped = []
         try:
@@ -61,8 +60,7 @@ class Adam(torch.optim.Adam):
                     p.data = _flat(like)
                     p.grad = _flat(grad)
                     swapped.append((p, like, grad))
-            with torch.enable_grad():
-                return super().step(closure)
+            return super().step(closure)  # torch's step sets its own grad mode (and the closure's)
         finally:
             for p, like, grad in swapped:
                 p.data = like

@@ -34,6 +34,13 @@ def conv_transpose2d_of_a_point(x: Tensor, weight: Tensor) -> Tensor:
     return (rows @ weight.reshape(cin, cout * kh * kw)).view(n, cout, kh, kw)
 
 
+# The shapes where a GEMM form measured faster than oneDNN (the rules below, and _a_gemm_may_apply's
+# superset of them): bf16 weight gradients from this many input channels and up to this many output
+# pixels; the deepest blocks from a weight of this many values and up to this many output pixels.
+_WGRAD_MIN_CHANNELS, _WGRAD_MAX_PIXELS = 64, 64
+_DEEP_MIN_WEIGHT_VALUES, _DEEP_MAX_PIXELS = 1 << 20, 16
+
+
 def _weight_grad_is_a_gemm(x: Tensor, grad_y: Tensor, weight: Tensor) -> bool:
     """Where conv2d's weight gradient runs as im2col + one GEMM (_conv2d_weight_grad_gemm) on the CPU:
     bf16, channels_last, at least 64 input channels and at most 64 output pixels: D's and G's deep
@@ -44,7 +51,8 @@ def _weight_grad_is_a_gemm(x: Tensor, grad_y: Tensor, weight: Tensor) -> bool:
     per-process timing, so a run computes the same numbers every time. For a transposed convolution
     the caller passes its dY as x and its input as grad_y (_ConvFunction)."""
     return (x.device.type == "cpu" and grad_y.dtype == torch.bfloat16 and x.dim() == 4
-            and x.shape[1] >= 64 and grad_y.shape[2] * grad_y.shape[3] <= 64 and weight.shape[2:].numel() > 1
+            and x.shape[1] >= _WGRAD_MIN_CHANNELS and grad_y.shape[2] * grad_y.shape[3] <= _WGRAD_MAX_PIXELS
+            and weight.shape[2:].numel() > 1
             and grad_y.is_contiguous(memory_format=torch.channels_last)
             and x.is_contiguous(memory_format=torch.channels_last))
 
@@ -64,7 +72,8 @@ def _deep_layer_is_a_gemm(tensors: tuple, out_hw: tuple, weight: Tensor, dtype=t
     would add up kH x kW bf16-rounded products where oneDNN rounds once. Fixed, as
     _weight_grad_is_a_gemm."""
     return (weight.device.type == "cpu" and weight.dtype == dtype and weight.dim() == 4
-            and weight.shape[2:].numel() > 1 and weight.numel() >= 1 << 20 and 0 < out_hw[0] * out_hw[1] <= 16
+            and weight.shape[2:].numel() > 1 and weight.numel() >= _DEEP_MIN_WEIGHT_VALUES
+            and 0 < out_hw[0] * out_hw[1] <= _DEEP_MAX_PIXELS
             and all(t.dtype == dtype and t.dim() == 4 and t.shape[0] > 0 and t.device.type == "cpu"
                     and t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
 
@@ -219,7 +228,7 @@ def _a_gemm_may_apply(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, 
     else:
         image_channels, out_hw = x.shape[1], conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
     pixels = out_hw[0] * out_hw[1]
-    deep = weight.numel() >= 1 << 20 and pixels <= 16
+    deep = weight.numel() >= _DEEP_MIN_WEIGHT_VALUES and pixels <= _DEEP_MAX_PIXELS
     fp32 = dtype == torch.float32 and deep
-    bf16 = dtype == torch.bfloat16 and (deep or (image_channels >= 64 and pixels <= 64))
+    bf16 = dtype == torch.bfloat16 and (deep or (image_channels >= _WGRAD_MIN_CHANNELS and pixels <= _WGRAD_MAX_PIXELS))
     return (fp32 or bf16) and x.is_contiguous(memory_format=torch.channels_last)
