@@ -187,6 +187,8 @@ inline void check_act(int64_t act, double slope, const char* op, bool allow_tanh
 struct CpuKernels {
   GAN_FAST_KERNEL_DECLS;
 };
+// The CPU-only col2im of ext_conv's GEMM + col2im forms (csrc/cpu/col2im_cpu.cpp).
+Tensor col2im_cpu(const Tensor& cols, at::IntArrayRef image_hw, at::IntArrayRef stride, at::IntArrayRef padding);
 // Which build of the CPU BatchNorm kernels a dtype runs in this process ("default", "avx2",
 // "avx512", "avx512_bf16"; csrc/cpu/bn_cpu.cpp), for the tests and the benchmarks.
 const char* cpu_kernel_isa(at::ScalarType dtype);

@@ -53,6 +53,9 @@ TORCH_LIBRARY(gan_fast, m) {
   // Returns (grad_x, grad_weight); an entry whose output_mask is false is empty ([0]).
   m.def("d_head_bce_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor target, Tensor logits, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+  // cols [N, OH, OW, kH, kW, C] (a GEMM's output) summed into the channels_last image [N, C, H, W]
+  // they came from; CPU only (csrc/cpu/col2im_cpu.cpp).
+  m.def("col2im(Tensor cols, int[2] image_hw, int[2] stride, int[2] padding) -> Tensor");
   // Testing hook: NaN-fill every kernel output before the kernel writes it (common.h new_output).
   m.def("set_poison_outputs(bool enabled) -> ()",
         [](bool enabled) { gan_fast::poison_outputs_flag().store(enabled); });

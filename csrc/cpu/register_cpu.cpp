@@ -17,4 +17,5 @@ TORCH_LIBRARY_IMPL(gan_fast, CPU, m) {
   m.impl("bce_with_logits_backward", &gan_fast::bce_backward<K>);
   m.impl("d_head_bce", &gan_fast::d_head_forward<K>);
   m.impl("d_head_bce_backward", &gan_fast::d_head_backward<K>);
+  m.impl("col2im", &gan_fast::col2im_cpu);  // CPU only: ext_conv's GEMM forms run on a CPU
 }

@@ -12,15 +12,16 @@ at run time like ATen's own; ``cpu_kernel_isa`` names the pick) and CUDA kernels
   applied in place in one pass (on the CPU, ATen's in-place kernel); the backward takes the
   activation's derivative from the output;
 - ``bce_with_logits`` and ``d_head_bce`` (the D head's full-size Conv2d as a GEMV + the loss), each
-  one pass forward and one backward.
+  one pass forward and one backward;
+- ``col2im`` (CPU): the GEMM + col2im convolutions' second half (ext_conv.py).
 
 This module registers their fake (meta) kernels and autograd formulas through ``torch.library``
 (the pytorch/extension-cpp layout), so they work under autograd, torch.compile and CUDA-graph
 capture, and composes them into the blocks of docs/ops.md. The blocks' convolutions and Linear
 layers are ATen's (on a CPU, GEMM forms where they measured faster: ext_conv.py); the BatchNorm,
-activation and loss parts are the extension's. In eager mode on a CPU, conv_act runs as the ATen
-calls it makes there, and bn_act and d_head_bce through plain autograd.Functions: torch.library's
-Python autograd layer cost more than the ops at small sizes (issue #16).
+activation and loss parts are the extension's. In eager mode on a CPU, conv_act runs as the blocks'
+convolution + an in-place activation, and bn_act and d_head_bce through plain autograd.Functions:
+torch.library's Python autograd layer cost more than the ops at small sizes (issue #16).
 
 Importing this module never raises: without a loadable ``gan_fast._C``, ``unavailable_reason()``
 says why and the ops raise BackendUnavailable.
@@ -44,8 +45,8 @@ __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv
            "upsample_conv2d_bn_relu"]
 
 OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_backward", "bce_with_logits",
-       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "set_poison_outputs", "cpu_kernel_isa",
-       "cpu_threads_used")
+       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "col2im", "set_poison_outputs",
+       "cpu_kernel_isa", "cpu_threads_used")
 
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"
 # Where setup.py writes each build's full output, compiler errors included (pip hides it; a failed
@@ -251,13 +252,11 @@ def conv_transpose2d_tanh(x, weight, bias, *, stride, padding) -> Tensor:
 
 
 def _conv_act(x, weight, bias, stride, padding, transposed, act, slope) -> Tensor:
-    """The conv_act op; in eager mode on a CPU, for a well-formed call, the same ATen convolution and
-    activation under ATen's own autograd. On a CPU the op has no kernel of its own (csrc/common.h
-    conv_act_forward / conv_act_backward call exactly these ATen functions), and its torch.library
-    autograd layer cost 200-300 us per forward + backward at the digits size, nearly doubling eager's
-    Conv2d + LeakyReLU (issue #16). Any other call (CUDA, torch.compile, a malformed one: the op's
-    messages) goes through the op."""
-    ops = _ops()
+    """The conv_act op; in eager mode on a CPU, for a well-formed call, ext_conv.conv and the activation
+    in place under autograd: the op's CPU kernels are ATen's calls (csrc/common.h), and its autograd layer
+    cost 200-300 us per forward + backward at the digits size (issue #16). Any other call (CUDA,
+    torch.compile, a malformed one: the op's messages) goes through the op."""
+    ops = _ops()  # BackendUnavailable first, where the extension is missing
     out_channels = weight.shape[1 if transposed else 0] if weight.dim() == 4 else -1
     if (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dim() == 4 and weight.dim() == 4
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and weight.dtype == x.dtype
@@ -265,9 +264,10 @@ def _conv_act(x, weight, bias, stride, padding, transposed, act, slope) -> Tenso
             and (bias is None or (bias.dtype == x.dtype and bias.device == x.device
                                   and tuple(bias.shape) == (out_channels,)))
             and min(_conv_out_shape(x, weight, stride, padding, transposed)) > 0):
-        z = (F.conv_transpose2d if transposed else F.conv2d)(x, weight, bias, stride, padding)
+        z = ext_conv.conv(x, weight, stride, padding, transposed, bias)
         z = z.contiguous(memory_format=_conv_format(x))  # the op's layout rule; a no-op but for 1 channel
-        return torch.tanh_(z) if act == ACT_TANH else F.leaky_relu_(z, slope)
+        inplace = not z._is_view()  # a GEMM form's permuted product may not change in place (autograd)
+        return (torch.tanh_ if inplace else torch.tanh)(z) if act == ACT_TANH else F.leaky_relu(z, slope, inplace)
     return ops.conv_act(x, weight, bias, stride, padding, transposed, act, slope)
 
 
@@ -589,6 +589,11 @@ def _register() -> None:
                 if output_mask[1] else x.new_empty((0,)))  # never one shared [0]: see conv_act_backward
 
     torch.library.register_autograd(lib + "d_head_bce", _head_backward, setup_context=_head_setup)
+
+    @torch.library.register_fake(lib + "col2im")  # ext_conv's GEMM + col2im forms
+    def _(cols, image_hw, stride, padding):
+        return torch.empty((cols.shape[0], cols.shape[5], *image_hw), dtype=cols.dtype, device=cols.device,
+                           memory_format=torch.channels_last)
 
 
 if _LOAD_ERROR is None:

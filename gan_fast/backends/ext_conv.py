@@ -1,7 +1,9 @@
 """The convolutions of the ext backend's blocks (gan_fast.backends.ext): ATen's, and on a CPU the GEMM
 forms that measured faster than oneDNN's there (issue #16): G's first block from the 1x1 latent as one
-matrix product, the bf16 weight gradients of the deep blocks as im2col + one GEMM, and the fp32
-forward and both gradients of the deepest, widest blocks (im2col + GEMM, GEMM + col2im).
+matrix product, the bf16 weight gradients of the deep blocks as im2col + one GEMM, the fp32 forward
+and both gradients of the deepest, widest blocks (im2col + GEMM, GEMM + col2im), and in fp32 the
+few-channel image side of G's last transposed convolution and of D's first layer's input gradient
+(GEMM + col2im).
 
 The GEMM forms are the classic lowering of a convolution to a matrix product (Chellapilla et al. 2006,
 "High Performance Convolutional Neural Networks for Document Processing"; Caffe's im2col / col2im),
@@ -15,6 +17,7 @@ from torch import Tensor
 from .reference import conv2d_output_hw, conv_transpose2d_output_hw, differentiable_backward
 
 __all__ = ["conv", "conv_transpose2d_of_a_point"]
+
 
 
 def conv_transpose2d_of_a_point(x: Tensor, weight: Tensor) -> Tensor:
@@ -36,9 +39,11 @@ def conv_transpose2d_of_a_point(x: Tensor, weight: Tensor) -> Tensor:
 
 # The shapes where a GEMM form measured faster than oneDNN (the rules below, and _a_gemm_may_apply's
 # superset of them): bf16 weight gradients from this many input channels and up to this many output
-# pixels; the deepest blocks from a weight of this many values and up to this many output pixels.
+# pixels; the deepest blocks from a weight of this many values and up to this many output pixels;
+# the image side of a convolution with up to this many image channels.
 _WGRAD_MIN_CHANNELS, _WGRAD_MAX_PIXELS = 64, 64
 _DEEP_MIN_WEIGHT_VALUES, _DEEP_MAX_PIXELS = 1 << 20, 16
+_IMAGE_MAX_CHANNELS = 4
 
 
 def _weight_grad_is_a_gemm(x: Tensor, grad_y: Tensor, weight: Tensor) -> bool:
@@ -78,6 +83,21 @@ def _deep_layer_is_a_gemm(tensors: tuple, out_hw: tuple, weight: Tensor, dtype=t
                     and t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
 
 
+def _image_side_is_a_gemm(features: Tensor, weight: Tensor, image_channels: int) -> bool:
+    """Where a convolution's image side, an image of at most 4 channels computed from ``features``
+    (G's last transposed convolution from its input; D's first layer's input gradient from its output
+    gradient), runs as GEMM + col2im on the CPU: fp32, channels_last features. oneDNN's fp32 kernels
+    for these few-output-channel products measured 4-10x slower on the 2-core Xeon of issue #16 than
+    the GEMM and csrc/cpu/col2im_cpu.cpp together: [64, 32, 16, 16] -> [64, 1, 32, 32] (digits) 2.9
+    -> 0.28 ms; [16, 64, 32, 32] -> [16, 3, 64, 64] (DCGAN-64) 2.2 -> 0.63; batch 128 3.3 -> 0.48;
+    and tiny shapes 0.06 -> 0.013. In bf16 the GEMM would round each tap's product before col2im adds
+    them, where oneDNN rounds once: oneDNN keeps bf16. Fixed, as _weight_grad_is_a_gemm."""
+    return (features.device.type == "cpu" and features.dtype == torch.float32 and weight.dtype == torch.float32
+            and features.dim() == 4 and weight.dim() == 4 and weight.device.type == "cpu"
+            and 0 < image_channels <= _IMAGE_MAX_CHANNELS and weight.shape[2:].numel() > 1
+            and features.shape[0] > 0 and features.is_contiguous(memory_format=torch.channels_last))
+
+
 def _im2col(x: Tensor, kernel: tuple, stride: tuple, padding: tuple, out_hw: tuple) -> Tensor:
     """[N * OH * OW, kH * kW * C_in]: row (n, oh, ow) holds the kernel's window at (oh, ow) in (i, j, ci)
     order; one strided view of the padded input and one copy."""
@@ -101,31 +121,16 @@ def _conv2d_gemm(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Te
     return y.view(x.shape[0], *out_hw, weight.shape[0]).permute(0, 3, 1, 2)
 
 
-def _taps(size: int, out: int, k: int, stride: int, pad: int):
-    """For each kernel offset i: the slice of output positions o whose input position s*o + i - p lies in
-    [0, size), and the slice of those input positions."""
-    for i in range(k):
-        lo = max(0, -((i - pad) // stride))  # the first o with s*o + i - p >= 0
-        hi = min(out - 1, (size - 1 + pad - i) // stride)  # the last o with s*o + i - p < size
-        if lo <= hi:
-            first = stride * lo + i - pad
-            yield i, slice(lo, hi + 1), slice(first, first + stride * (hi - lo) + 1, stride)
-
-
 def _conv2d_input_grad_gemm(grad_y: Tensor, weight: Tensor, image_hw: tuple, stride: tuple,
                             padding: tuple) -> Tensor:
     """conv2d's input gradient (= conv_transpose2d(grad_y, weight)) as dY [N*OH*OW, C_out] @ weight
-    [C_out, (i, j, ci)], then col2im: each tap's block of columns added into the image at its stride
-    (kH * kW strided adds, clipped to the image, so no padded copy). Returned channels_last."""
+    [C_out, (i, j, ci)], then col2im (csrc/cpu/col2im_cpu.cpp: each image pixel gathers its taps'
+    columns, clipped to the image, so no padded copy). Returned channels_last."""
     n, cout, oh, ow = grad_y.shape
     cin, (kh, kw) = weight.shape[1], weight.shape[2:]
     rows = grad_y.permute(0, 2, 3, 1).reshape(n * oh * ow, cout)
     cols = (rows @ _weight_matrix(weight)).view(n, oh, ow, kh, kw, cin)
-    image = cols.new_zeros(n, image_hw[0], image_hw[1], cin)
-    for i, out_rows, in_rows in _taps(image_hw[0], oh, kh, stride[0], padding[0]):
-        for j, out_cols, in_cols in _taps(image_hw[1], ow, kw, stride[1], padding[1]):
-            image[:, in_rows, in_cols] += cols[:, out_rows, out_cols, i, j]
-    return image.permute(0, 3, 1, 2)
+    return torch.ops.gan_fast.col2im(cols, image_hw, stride, padding)
 
 
 def _conv2d_weight_grad_gemm(x: Tensor, grad_y: Tensor, kernel: tuple, stride: tuple, padding: tuple) -> Tensor:
@@ -139,24 +144,28 @@ def _conv2d_weight_grad_gemm(x: Tensor, grad_y: Tensor, kernel: tuple, stride: t
     return dw.view(cout, kernel[0], kernel[1], x.shape[1]).permute(0, 3, 1, 2)
 
 
-def _forward(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> Tensor:
-    """F.conv2d / F.conv_transpose2d, or their GEMM form where _deep_layer_is_a_gemm says so (fp32 never
-    under autocast, which would compute the GEMM in its own dtype). A transposed convolution is the
-    input gradient of the conv2d whose weight is its own ([C_in, C_out, kH, kW] is conv2d's
-    [C_out', C_in', kH, kW])."""
+def _forward(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool, bias=None) -> Tensor:
+    """F.conv2d / F.conv_transpose2d, or their GEMM form where _deep_layer_is_a_gemm or
+    _image_side_is_a_gemm says so (fp32 never under autocast, which would compute the GEMM in its own
+    dtype). A transposed convolution is the input gradient of the conv2d whose weight is its own
+    ([C_in, C_out, kH, kW] is conv2d's [C_out', C_in', kH, kW])."""
+    y = None
     if x.device.type == "cpu" and x.dim() == 4 and weight.dim() == 4:
         fp32 = not torch.is_autocast_enabled("cpu")
         if transposed:
             image_hw = conv_transpose2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
             if (fp32 and x.shape[1] == weight.shape[0] and min(image_hw) > 0
-                    and _deep_layer_is_a_gemm((x,), tuple(x.shape[2:]), weight)):
-                return _conv2d_input_grad_gemm(x, weight, image_hw, stride, padding)
+                    and (_deep_layer_is_a_gemm((x,), tuple(x.shape[2:]), weight)
+                         or _image_side_is_a_gemm(x, weight, weight.shape[1]))):
+                y = _conv2d_input_grad_gemm(x, weight, image_hw, stride, padding)
         elif x.shape[1] == weight.shape[1]:
             out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding)
             if min(out_hw) > 0 and ((fp32 and _deep_layer_is_a_gemm((x,), out_hw, weight))
                                     or _deep_layer_is_a_gemm((x,), out_hw, weight, torch.bfloat16)):
-                return _conv2d_gemm(x, weight, stride, padding)
-    return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)
+                y = _conv2d_gemm(x, weight, stride, padding)
+    if y is None:
+        return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, bias, stride, padding)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
 class _ConvFunction(torch.autograd.Function):
@@ -187,7 +196,8 @@ class _ConvFunction(torch.autograd.Function):
         image, grad = (grad_y, x) if transposed else (x, grad_y)  # of the conv2d whose weight gradient it is
         whole = _deep_layer_is_a_gemm((image, grad), tuple(grad.shape[2:]), weight)
         im2col_x = transposed and _deep_layer_is_a_gemm((image, grad), tuple(grad.shape[2:]), weight, torch.bfloat16)
-        gemm_x = need_x and (whole or im2col_x)
+        image_x = not transposed and _image_side_is_a_gemm(grad_y, weight, x.shape[1])
+        gemm_x = need_x and (whole or im2col_x or image_x)
         gemm_w = need_w and (whole or _weight_grad_is_a_gemm(image, grad, weight))
         gx = gw = None
         if (need_x and not gemm_x) or (need_w and not gemm_w):
@@ -202,24 +212,26 @@ class _ConvFunction(torch.autograd.Function):
         return gx, gw, None, None, None
 
 
-def conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> Tensor:
-    """The D blocks' convolution and the G blocks' transposed convolution: _ConvFunction in eager mode
-    on a CPU (where its forward and gradients may be GEMMs), _forward without autograd (sampling,
-    evaluation), the plain function elsewhere and under torch.compile."""
+def conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool, bias=None) -> Tensor:
+    """The blocks' convolutions (D's, and G's transposed ones; ``bias`` only for the conv_act layers):
+    _ConvFunction in eager mode on a CPU (where its forward and gradients may be GEMMs), _forward
+    without autograd (sampling, evaluation), the plain function elsewhere and under torch.compile."""
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         if not torch.is_grad_enabled():
-            return _forward(x, weight, stride, padding, transposed)
+            return _forward(x, weight, stride, padding, transposed, bias)
         if _a_gemm_may_apply(x, weight, stride, padding, transposed):
-            return _ConvFunction.apply(x, weight, stride, padding, transposed)
+            y = _ConvFunction.apply(x, weight, stride, padding, transposed)
+            return y if bias is None else y + bias.view(1, -1, 1, 1)
     # ATen's own autograd: _ConvFunction would compute the same, through a Python forward and backward
     # (~0.1 ms a call, 15-20 calls a step: most of the step at a small batch)
-    return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, None, stride, padding)
+    return (F.conv_transpose2d if transposed else F.conv2d)(x, weight, bias, stride, padding)
 
 
 def _a_gemm_may_apply(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, transposed: bool) -> bool:
     """Whether _ConvFunction's forward or backward could take a GEMM form for this call: a superset of
-    _deep_layer_is_a_gemm and _weight_grad_is_a_gemm, decided from the forward's shapes and the dtype
-    it computes in (autocast's, under autocast); the backward decides again with the real tensors."""
+    _deep_layer_is_a_gemm, _weight_grad_is_a_gemm and _image_side_is_a_gemm, decided from the forward's
+    shapes and the dtype it computes in (autocast's, under autocast); the backward decides again with
+    the real tensors."""
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[2:].numel() <= 1:
         return False
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
@@ -231,4 +243,8 @@ def _a_gemm_may_apply(x: Tensor, weight: Tensor, stride: tuple, padding: tuple, 
     deep = weight.numel() >= _DEEP_MIN_WEIGHT_VALUES and pixels <= _DEEP_MAX_PIXELS
     fp32 = dtype == torch.float32 and deep
     bf16 = dtype == torch.bfloat16 and (deep or (image_channels >= _WGRAD_MIN_CHANNELS and pixels <= _WGRAD_MAX_PIXELS))
-    return (fp32 or bf16) and x.is_contiguous(memory_format=torch.channels_last)
+    # the image side: G's last layer's forward (from channels_last features), or D's first layer's
+    # input gradient, which only a differentiable input asks for (in the G update, not the D update)
+    image = (dtype == torch.float32 and image_channels <= _IMAGE_MAX_CHANNELS
+             and (x.is_contiguous(memory_format=torch.channels_last) if transposed else x.requires_grad))
+    return ((fp32 or bf16) and x.is_contiguous(memory_format=torch.channels_last)) or image

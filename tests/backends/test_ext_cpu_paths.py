@@ -1,8 +1,9 @@
 """The ext backend's CPU-only forms of its blocks, each against the reference composition it replaces
 (issue #16): G's first block (the 1x1 latent -> 4x4) as one matrix product instead of oneDNN's
 transposed convolution, the bf16 weight gradients of D's and G's deep blocks as im2col + one GEMM, the
-fp32 deepest blocks as GEMMs, and the eager paths that skip a Python autograd layer (conv_act as ATen's
-calls, the D head as a plain autograd.Function, convolutions without a GEMM form under ATen's autograd).
+fp32 deepest blocks as GEMMs, the fp32 few-channel image side as GEMM + col2im, and the eager paths that
+skip a Python autograd layer (conv_act without the op, the D head as a plain autograd.Function,
+convolutions without a GEMM form under ATen's autograd).
 test_ext_ops.py has every block in every layout and dtype."""
 from __future__ import annotations
 
@@ -187,12 +188,15 @@ def test_deepest_fp32_blocks_run_as_gemms(name, n, cin, cout, size, layout, gemm
 @needs_ext
 @pytest.mark.skipif(DEVICE != "cpu", reason="the eager CPU paths")
 @pytest.mark.parametrize("transposed", [False, True])
-def test_conv_act_in_eager_cpu_mode_is_atens_conv_and_activation(transposed):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_act_in_eager_cpu_mode_skips_the_op(transposed, dtype):
     # issue #16: on a CPU the conv_act op only calls ATen's convolution and activation, and its
     # torch.library autograd layer cost 200-300 us per forward + backward: in eager mode the block runs
-    # those ATen calls under ATen's autograd, so it is the reference's arithmetic, bit for bit
-    w = make_input((37, 3, 4, 4), scale=0.2)  # conv2d: 3 -> 37 channels; transposed: 37 -> 3
-    x = make_input((2, 37, 6, 6) if transposed else (2, 3, 12, 12), "channels_last")
+    # the blocks' convolution (ext_conv.conv) and the activation in place under autograd. In fp32 the
+    # few-channel image side (G's last layer's output, D's first layer's input gradient) is GEMM +
+    # col2im, within fp32's 1e-5 of the reference; in bf16 it is ATen's arithmetic, bit for bit.
+    w = make_input((37, 3, 4, 4), dtype=dtype, scale=0.2)  # conv2d: 3 -> 37 channels; transposed: 37 -> 3
+    x = make_input((2, 37, 6, 6) if transposed else (2, 3, 12, 12), "channels_last", dtype=dtype)
     name, kw = ("conv_transpose2d_tanh", {}) if transposed else ("conv2d_leaky_relu", {"negative_slope": 0.2})
 
     def fused(a, b):
@@ -203,14 +207,80 @@ def test_conv_act_in_eager_cpu_mode_is_atens_conv_and_activation(transposed):
 
     with _OpNames() as ops:
         y = fused(x, w)
-        got = torch.autograd.grad(y, [x, w], torch.ones_like(y))
+        dy = make_input(y.shape, requires_grad=False, dtype=dtype)
+        got = torch.autograd.grad(y, [x, w], dy)
     assert "gan_fast::conv_act" not in ops.names and "gan_fast::conv_act_backward" not in ops.names, ops.names
+    assert ("gan_fast::col2im" in ops.names) == (dtype == torch.float32), ops.names
     y_ref = ref(x, w)
-    assert torch.equal(y, y_ref) and y.stride() == y_ref.stride()
-    for g, want in zip(got, torch.autograd.grad(y_ref, [x, w], torch.ones_like(y_ref))):
-        assert torch.equal(g, want)
+    assert y.stride() == y_ref.stride()
     with torch.no_grad():  # sampling: the same path
-        assert torch.equal(fused(x, w), y_ref)
+        y_no_grad = fused(x, w)
+    for a, b, label in [(y, y_ref, "y"), (y_no_grad, y_ref, "y without autograd"),
+                        *zip(got, torch.autograd.grad(y_ref, [x, w], dy), ["dx", "dw"])]:
+        if dtype == torch.float32:
+            assert_close(a, b, RTOL, label)
+        else:
+            assert torch.equal(a, b), label
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GEMM + col2im forms are the CPU's")
+@pytest.mark.parametrize("n, image_channels, feature_channels, size, k, stride, padding", [
+    (64, 1, 32, 32, 4, 2, 1),   # digits: G's last layer, D's first layer
+    (2, 3, 64, 64, 4, 2, 1),    # DCGAN-64
+    (1, 4, 37, 7, 3, 2, 2),     # odd image, padding wider than a stride
+    (3, 2, 5, 9, 5, 3, 0),      # stride 3, kernel 5: taps that skip pixels
+    (2, 1, 63, 6, 3, 1, 1),     # stride 1
+])
+def test_few_channel_image_side_is_gemm_and_col2im(n, image_channels, feature_channels, size, k, stride, padding):
+    # issue #16: G's last transposed convolution and D's first layer's input gradient (an image of at
+    # most 4 channels from many feature channels) ran 4-10x slower in oneDNN's fp32 kernels than one GEMM
+    # + csrc/cpu/col2im_cpu.cpp. Both against the reference on awkward shapes, outputs poisoned first;
+    # D's first layer takes the form only where its input needs a gradient (the G update).
+    from gan_fast.backends import ext_conv
+
+    w = make_input((feature_channels, image_channels, k, k), scale=0.2).detach().requires_grad_()
+    # channels_last memory even for 1 channel (G's output is; .contiguous(channels_last) keeps NCHW strides)
+    image = make_input((n, size, size, image_channels), requires_grad=False).permute(0, 3, 1, 2)
+    ext.set_poison_outputs(True)
+    try:
+        features = make_input(ext_conv.conv(image.detach(), w.detach(), (stride,) * 2, (padding,) * 2,
+                                            False).shape, "channels_last")
+        with _OpNames() as ops:  # G's last layer: features -> image
+            y = ext.conv_transpose2d_tanh(features, w, None, stride=stride, padding=padding)
+            dy = make_input(y.shape, requires_grad=False)
+            got = torch.autograd.grad(y, [features, w], dy)
+        assert "gan_fast::col2im" in ops.names and "aten::convolution" not in ops.names, ops.names
+        y_ref = reference.conv_transpose2d_tanh(features, w, None, stride=stride, padding=padding)
+        assert_close(y, y_ref, RTOL, "G's last layer")
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        for g, want, label in zip(got, torch.autograd.grad(y_ref, [features, w], dy), ["d features", "d weight"]):
+            assert_close(g, want, RTOL, label)
+        for needs_grad in (True, False):  # D's first layer: image -> features, then its gradients
+            x = image.detach().requires_grad_(needs_grad)
+            with _OpNames() as ops:
+                z = ext.conv2d_leaky_relu(x, w, None, stride=stride, padding=padding, negative_slope=0.2)
+                dz = make_input(z.shape, "channels_last", requires_grad=False)  # as D's second layer gives it
+                got = torch.autograd.grad(z, [x, w] if needs_grad else [w], dz)
+            assert ("gan_fast::col2im" in ops.names) == needs_grad, ops.names
+            z_ref = reference.conv2d_leaky_relu(x, w, None, stride=stride, padding=padding, negative_slope=0.2)
+            assert_close(z, z_ref, RTOL, "D's first layer")
+            want = torch.autograd.grad(z_ref, [x, w] if needs_grad else [w], dz)
+            for g, wnt, label in zip(got, want, ["d image", "d weight"] if needs_grad else ["d weight"]):
+                assert_close(g, wnt, RTOL, label)
+    finally:
+        ext.set_poison_outputs(False)
+
+
+@needs_ext
+def test_col2im_rejects_columns_that_do_not_fit_the_image():
+    cols = torch.randn(2, 3, 4, 4, 4, 1)
+    with pytest.raises(RuntimeError, match=r"gan_fast::col2im: cols .* do not fit an image"):
+        torch.ops.gan_fast.col2im(cols, [9, 8], [2, 2], [1, 1])  # 9 rows give 4 output rows, not 3
+    with pytest.raises(RuntimeError, match="cols must be"):
+        torch.ops.gan_fast.col2im(cols[0], [7, 8], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="stride must be two positive ints"):
+        torch.ops.gan_fast.col2im(cols, [7, 8], [0, 2], [1, 1])
 
 
 @needs_ext

@@ -123,7 +123,9 @@ def _raw_samples():
     out += [(ops.bce_with_logits, (logits, torch.rand(3, 4, device=DEVICE).requires_grad_()), "contiguous"),
             (ops.bce_with_logits, (make_input((3, 4), "strided"), torch.rand(1, device=DEVICE)), "strided"),
             (ops.bce_with_logits_backward, (torch.tensor(1.5, device=DEVICE), logits.detach(),
-                                            torch.rand(3, 4, device=DEVICE)), "contiguous")]
+                                            torch.rand(3, 4, device=DEVICE)), "contiguous"),
+            # CPU only: ext_conv's GEMM + col2im forms run on a CPU
+            (ops.col2im, (torch.randn(2, 3, 4, 4, 4, 3), [7, 8], [2, 2], [1, 1]), "contiguous")]
     return out
 
 
