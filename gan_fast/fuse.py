@@ -44,8 +44,8 @@ from .backends import BACKENDS, ops_for, resolve
 
 __all__ = ["FoldedBatchNorm", "FoldedLayer", "FusedConv2dBatchNormLeakyReLU", "FusedConv2dLeakyReLU",
            "FusedConvTranspose2dBatchNormReLU", "FusedConvTranspose2dTanh", "FusedDHead",
-           "FusedLinearBatchNormLeakyReLU", "FusedUpsampleConv2dBatchNormReLU", "discriminator_loss",
-           "fuse", "fused_modules", "match_run"]
+           "FusedLinearBatchNormLeakyReLU", "FusedUpsampleConv2dBatchNormReLU", "can_stack_batches",
+           "discriminator_loss", "fuse", "fused_modules", "match_run"]
 
 
 # ------------------------------------------------------------------------------------ state holders
@@ -147,8 +147,12 @@ class _Fused(nn.Module):
     def ops(self):
         return ops_for(self.backend)
 
-    def bn_kwargs(self):
+    def bn_kwargs(self, batches: int = 1):
+        """((weight, bias, running_mean, running_var), keyword arguments) of the folded BatchNorm for a
+        call normalizing ``batches`` stacked batches (nn.BatchNorm's bookkeeping once for each)."""
         bn = self.folded_bn
+        for _ in range(batches - 1):
+            bn.batch_norm_args(self.training)
         running_mean, running_var, use_batch_stats, momentum = bn.batch_norm_args(self.training)
         kwargs = dict(training=use_batch_stats, momentum=momentum, eps=bn.eps)
         group = bn.sync_group(use_batch_stats)
@@ -171,13 +175,19 @@ class FusedConvTranspose2dBatchNormReLU(_Fused):
 
 
 class FusedConv2dBatchNormLeakyReLU(_Fused):
+    # > 1 inside discriminator_loss(..., batch_chunks): the input is that many batches stacked, each
+    # normalized with its own statistics (the ext backend's blocks)
+    batch_chunks = 1
+
     def __init__(self, first, backend, bn, negative_slope):
         super().__init__(first, backend, bn)
         self.negative_slope = negative_slope
 
     def forward(self, x):
         x, w = _autocast(x, self.weight)
-        bn, kw = self.bn_kwargs()
+        bn, kw = self.bn_kwargs(self.batch_chunks)
+        if self.batch_chunks > 1:
+            kw["batch_chunks"] = self.batch_chunks
         return self.ops.conv2d_bn_leaky_relu(x, w, *bn, stride=self.stride, padding=self.padding,
                                              negative_slope=self.negative_slope, **kw)
 
@@ -343,20 +353,57 @@ def fused_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _Fused)]
 
 
-def discriminator_loss(netD: nn.Module, x: torch.Tensor, target: torch.Tensor, bce=None):
+def _fused_head_main(netD: nn.Module) -> nn.Sequential | None:
+    """netD's Sequential ``main`` when it ends in a fused D head (gan_fast / pytorch/examples style)."""
+    main = getattr(netD, "main", None)
+    ok = isinstance(main, nn.Sequential) and len(main) > 1 and isinstance(main[-1], FusedDHead)
+    return main if ok else None
+
+
+# What may sit in a D whose batches are stacked: nothing that mixes samples or draws random numbers
+# but the BatchNorms, which discriminator_loss normalizes per batch.
+_STACKABLE = (nn.Sequential, nn.Conv2d, nn.LeakyReLU, FoldedLayer, FoldedBatchNorm, FusedConv2dLeakyReLU,
+              FusedConv2dBatchNormLeakyReLU, FusedDHead)
+
+
+def can_stack_batches(netD: nn.Module) -> bool:
+    """Whether ``discriminator_loss(netD, ..., batch_chunks=k)`` may run k stacked batches in one pass
+    as k separate passes would: a fused-head D of conv layers whose BatchNorms are ext conv blocks with a
+    fixed momentum (momentum=None averages over the number of calls) and no SyncBatchNorm."""
+    main = _fused_head_main(netD)
+    if main is None or list(netD.children()) != [main] or not all(isinstance(m, _STACKABLE) for m in main.modules()):
+        return False
+    return all(m.backend == "ext" and m.folded_bn.momentum is not None and not m.folded_bn.sync
+               for m in main if isinstance(m, FusedConv2dBatchNormLeakyReLU))
+
+
+def discriminator_loss(netD: nn.Module, x: torch.Tensor, target: torch.Tensor, bce=None, batch_chunks: int = 1):
     """(loss, logits) of discriminator ``netD`` on ``x``: mean BCE-with-logits against ``target``.
 
     When ``netD`` is a gan_fast / pytorch/examples-style discriminator (a Sequential ``main`` whose
     last layer is a fused D head) the head's conv and the loss run as one fused op; otherwise
     ``bce(netD(x), target)`` (default: torch's binary_cross_entropy_with_logits).
+
+    ``batch_chunks`` > 1 (where ``can_stack_batches(netD)``): ``x`` is that many equal batches stacked,
+    e.g. real and fake; each BatchNorm normalizes each with its own statistics and updates its running
+    statistics once per batch, in order, as that many calls would; the convolutions run once over all
+    (issue #16: half the calls of D's update). The loss is the mean over all of them.
     """
-    main = getattr(netD, "main", None)
-    if isinstance(main, nn.Sequential) and len(main) > 1 and isinstance(main[-1], FusedDHead):
-        features = x
-        for layer in list(main)[:-1]:
-            features = layer(features)
-        loss, logits = main[-1].loss(features, target)
-        return loss, logits
+    main = _fused_head_main(netD)
+    if batch_chunks != 1 and not can_stack_batches(netD):
+        raise ValueError("discriminator_loss: batch_chunks > 1 needs a discriminator can_stack_batches() accepts")
+    if main is not None:
+        blocks = [m for m in main if isinstance(m, FusedConv2dBatchNormLeakyReLU)] if batch_chunks != 1 else []
+        for m in blocks:
+            m.batch_chunks = batch_chunks
+        try:
+            features = x
+            for layer in list(main)[:-1]:
+                features = layer(features)
+        finally:
+            for m in blocks:
+                del m.batch_chunks  # back to the class's 1
+        return main[-1].loss(features, target)
     logits = netD(x)
     bce = bce or F.binary_cross_entropy_with_logits
     return bce(logits.float(), target), logits

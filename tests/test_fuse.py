@@ -10,7 +10,7 @@ from gan_fast import backends
 from gan_fast.fuse import (FoldedBatchNorm, FusedConv2dBatchNormLeakyReLU, FusedConv2dLeakyReLU,
                            FusedConvTranspose2dBatchNormReLU, FusedConvTranspose2dTanh, FusedDHead,
                            FusedLinearBatchNormLeakyReLU, FusedUpsampleConv2dBatchNormReLU,
-                           discriminator_loss, fuse, fused_modules)
+                           can_stack_batches, discriminator_loss, fuse, fused_modules)
 from gan_fast.models import build_models
 
 from .conftest import DEVICE, needs_ext
@@ -160,6 +160,53 @@ def test_discriminator_loss_uses_the_fused_head(backend):
         for (name, p_ref), p in zip(reference.named_parameters(), net.parameters()):
             _close(p.grad, p_ref.grad, f"d {name}")
             p.grad = p_ref.grad = None
+
+
+@needs_ext
+def test_discriminator_loss_on_stacked_batches_is_one_call_per_batch():
+    # issue #16: D's update on the real and the fake batch in one pass (batch_chunks=2) normalizes each
+    # batch with its own statistics and updates the running ones once per batch, in order; the loss is
+    # the mean over both and its gradient the mean of the two calls' (whole-batch statistics would fail)
+    torch.manual_seed(5)
+    net = fuse(_randomize(ExamplesDiscriminator(ndf=5)), "ext")
+    twin = copy.deepcopy(net)
+    assert can_stack_batches(net)
+    a, b = torch.randn(3, 3, 16, 16, device=DEVICE) * 2 + 1, torch.randn(3, 3, 16, 16, device=DEVICE)
+    ta, tb = torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    for _ in range(2):  # the running statistics of the second pass start from the first's
+        loss, logits = discriminator_loss(net, torch.cat([a, b]), torch.cat([ta, tb]), batch_chunks=2)
+        loss.backward()
+        (la, logits_a), (lb, logits_b) = discriminator_loss(twin, a, ta), discriminator_loss(twin, b, tb)
+        ((la + lb) / 2).backward()
+        _close(loss, (la + lb) / 2, "loss")
+        _close(logits, torch.cat([logits_a, logits_b]), "logits")
+        for (name, p_twin), p in zip(twin.named_parameters(), net.parameters()):
+            _close(p.grad, p_twin.grad, f"d {name}")
+        for (name, b_twin), b_net in zip(twin.named_buffers(), net.buffers()):
+            _close(b_net.float(), b_twin.float(), name)
+    assert all(m.batch_chunks == 1 for m in fused_modules(net) if isinstance(m, FusedConv2dBatchNormLeakyReLU))
+
+
+@needs_ext
+def test_only_discriminators_without_batch_mixing_layers_stack_batches():
+    def fused_d(**bn):
+        net = ExamplesDiscriminator()
+        net.main[3] = nn.BatchNorm2d(8, **bn)
+        return fuse(net, "ext")
+
+    assert not can_stack_batches(ExamplesDiscriminator())  # unfused: no fused head
+    assert can_stack_batches(fused_d())
+    assert not can_stack_batches(fused_d(momentum=None))  # a cumulative average counts calls
+    dropout = fused_d()
+    dropout.main.insert(2, nn.Dropout(0.1))
+    assert not can_stack_batches(dropout)
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(ValueError, match="batch_chunks > 1 needs a discriminator"):
+        discriminator_loss(fused_d(momentum=None), x, torch.ones(4), batch_chunks=2)
+    with pytest.raises(ValueError, match="batch_chunks must be a positive int dividing the batch"):
+        fused_d().main[2].ops.conv2d_bn_leaky_relu(
+            x, torch.randn(8, 3, 4, 4), None, None, None, None, stride=2, padding=1, training=True,
+            momentum=0.1, eps=1e-5, negative_slope=0.2, batch_chunks=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -241,3 +241,27 @@ def test_a_reference_checkpoint_resumed_with_ext_steps_as_the_plain_adam_does(tm
         results.append(_run(trainer, 1)[1])
     for name, value in results[0].items():
         torch.testing.assert_close(value, results[1][name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_ext
+def test_stacked_d_update_steps_as_the_sequential_one(tmp_path):
+    # issue #16: ext on a CPU in bf16 runs D's update on the real and the fake batch in one pass
+    # (fuse.discriminator_loss, batch_chunks=2). Forced in fp32 here, one step must give the sequential
+    # step's statistics, every gradient (Adam's first moment after one step) and D's running statistics
+    assert _trainer(tmp_path / "bf16", "ext", amp="bf16").stacked_d_update
+    assert not _trainer(tmp_path / "ref", "reference", amp="bf16").stacked_d_update
+    sequential, stacked = _trainer(tmp_path / "a", "ext"), _trainer(tmp_path / "b", "ext")
+    assert not sequential.stacked_d_update  # fp32: measured no faster, not taken
+    stacked.stacked_d_update = True
+    torch.manual_seed(7)
+    stats_a, state_a = _run(sequential, 1)
+    torch.manual_seed(7)
+    stats_b, state_b = _run(stacked, 1)
+    torch.testing.assert_close(stats_b, stats_a, rtol=1e-5, atol=1e-6)
+    for name in state_a:
+        if "running" in name or "num_batches" in name:
+            torch.testing.assert_close(state_b[name], state_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    for opt_a, opt_b in ((sequential.optD, stacked.optD), (sequential.optG, stacked.optG)):
+        for p_a, p_b in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
+            m_a, m_b = opt_a.state[p_a]["exp_avg"], opt_b.state[p_b]["exp_avg"]
+            torch.testing.assert_close(m_b, m_a, rtol=1e-4, atol=1e-5 * m_a.abs().max().item())

@@ -172,12 +172,22 @@ def conv_transpose2d_bn_relu(x, weight, bn_weight, bn_bias, running_mean, runnin
 
 def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *,
                          stride, padding, training, momentum, eps, negative_slope,
-                         process_group=None) -> Tensor:
-    """Conv2d(bias=False) -> BatchNorm2d -> LeakyReLU (the DCGAN discriminator blocks)."""
+                         process_group=None, batch_chunks: int = 1) -> Tensor:
+    """Conv2d(bias=False) -> BatchNorm2d -> LeakyReLU (the DCGAN discriminator blocks).
+
+    ``batch_chunks`` (ext only): the batch is that many equal batches stacked (D's real and fake ones
+    in one pass, gan_fast.fuse.discriminator_loss): one convolution over all, then BatchNorm with each
+    chunk's own statistics and running-statistics update, in order, as separate calls would do."""
     _check_input(x, 4, "conv2d_bn_leaky_relu", "[N, C, H, W]")
+    if isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int) or batch_chunks < 1 or (
+            x.shape[0] % batch_chunks):
+        raise ValueError(f"conv2d_bn_leaky_relu: batch_chunks must be a positive int dividing the batch "
+                         f"({x.shape[0]}), got {batch_chunks!r}")
     y = ext_conv.conv(x, weight, pair(stride, "stride", 1), pair(padding, "padding", 0), transposed=False)
-    return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                   ACT_LEAKY_RELU, check_slope(negative_slope), process_group)
+    slope = check_slope(negative_slope)
+    out = [_bn_act(part, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, ACT_LEAKY_RELU,
+                   slope, process_group) for part in (y.chunk(batch_chunks) if batch_chunks > 1 else (y,))]
+    return torch.cat(out) if batch_chunks > 1 else out[0]
 
 
 def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope) -> Tensor:
