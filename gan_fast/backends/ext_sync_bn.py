@@ -1,12 +1,11 @@
 """The ext backend's BatchNorm + activation under SyncBatchNorm (gan_fast.backends.ext._bn_act with a
 process group): statistics over every rank, the extension's bn_act / bn_update_stats_ kernels for the
-per-element work."""
+per-element work. gan_fast.backends.ext checks that the extension loaded before it calls this."""
 from __future__ import annotations
 
 import torch
 
-from .ext import _acc_dtype, _ops
-from .reference import ACT_LEAKY_RELU, ACT_RELU, refuse_double_backward_of_sync_bn
+from .reference import ACT_LEAKY_RELU, ACT_RELU, loss_dtype, refuse_double_backward_of_sync_bn
 
 __all__ = ["SyncBatchNormAct"]
 
@@ -29,12 +28,12 @@ class SyncBatchNormAct(torch.autograd.Function):
         from ..distributed import merge_moments_over_ranks
 
         dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.to(_acc_dtype(x.dtype)), dim=dims, correction=0)
+        var, mean = torch.var_mean(x.to(loss_dtype(x.dtype)), dim=dims, correction=0)  # the kernels' accumulation dtype
         n = x.numel() // x.shape[1]
         total, mean, m2 = merge_moments_over_ranks(torch.full_like(mean, n), mean, var * n, group)
         var = m2 / total
         world = dist.get_world_size(group)
-        ops = _ops()
+        ops = torch.ops.gan_fast
         # the eval-mode path of bn_act normalizes with the statistics it is given: the global ones
         stat_dtype = running_mean.dtype if running_mean is not None else mean.dtype
         y = ops.bn_act(x, weight, bias, mean.to(stat_dtype), var.to(stat_dtype), False, eps, act, slope)[0]
