@@ -7,7 +7,8 @@ at run time like ATen's own; ``cpu_kernel_isa`` names the pick) and CUDA kernels
 - ``bn_act`` / ``bn_act_backward``: BatchNorm (training: batch statistics; eval: running statistics)
   fused with ReLU / LeakyReLU / nothing; the backward is one reduction pass (sum dz, sum dz * xhat)
   and one elementwise pass that also applies the activation's mask. ``bn_update_stats_`` updates
-  the running statistics in place (separate because autograd needs functional ops);
+  the running statistics in place (separate because autograd needs functional ops); ``bn_act_eager``
+  is bn_act with its autograd formula in C++ (csrc/bn_act_autograd.cpp), for eager mode;
 - ``conv_act`` / ``conv_act_backward``: an ATen convolution (oneDNN / cuDNN) with LeakyReLU or Tanh
   applied in place in one pass (on the CPU, ATen's in-place kernel); the backward takes the
   activation's derivative from the output;
@@ -20,8 +21,9 @@ This module registers their fake (meta) kernels and autograd formulas through ``
 capture, and composes them into the blocks of docs/ops.md. The blocks' convolutions and Linear
 layers are ATen's (on a CPU, GEMM forms where they measured faster: ext_conv.py); the BatchNorm,
 activation and loss parts are the extension's. In eager mode on a CPU, conv_act runs as the blocks'
-convolution + an in-place activation, and bn_act and d_head_bce through plain autograd.Functions:
-torch.library's Python autograd layer cost more than the ops at small sizes (issue #16).
+convolution + an in-place activation; in eager mode bn_act runs as bn_act_eager and d_head_bce
+through a plain autograd.Function: torch.library's Python autograd layer cost more than the ops at
+small sizes (issue #16).
 
 Importing this module never raises: without a loadable ``gan_fast._C``, ``unavailable_reason()``
 says why and the ops raise BackendUnavailable.
@@ -43,9 +45,9 @@ __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv
            "conv_transpose2d_tanh", "d_head_bce_with_logits", "linear_bn_leaky_relu", "unavailable_reason",
            "upsample_conv2d_bn_relu"]
 
-OPS = ("bn_act", "bn_act_backward", "bn_update_stats_", "conv_act", "conv_act_backward", "bce_with_logits",
-       "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "col2im", "set_poison_outputs",
-       "cpu_kernel_isa", "cpu_threads_used")
+OPS = ("bn_act", "bn_act_backward", "bn_act_eager", "bn_update_stats_", "conv_act", "conv_act_backward",
+       "bce_with_logits", "bce_with_logits_backward", "d_head_bce", "d_head_bce_backward", "col2im",
+       "set_poison_outputs", "cpu_kernel_isa", "cpu_threads_used")
 
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"
 # Where setup.py writes each build's full output, compiler errors included (pip hides it; a failed
@@ -148,7 +150,7 @@ def _bn_act(x: Tensor, bn_weight, bn_bias, running_mean, running_var, training: 
 
         return SyncBatchNormAct.apply(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
                                       act, negative_slope, process_group)
-    bn_act = ops.bn_act if torch.compiler.is_compiling() else _BnActFunction.apply
+    bn_act = ops.bn_act if torch.compiler.is_compiling() else ops.bn_act_eager
     y, mean, var = bn_act(x, bn_weight, bn_bias, None if training else running_mean,
                           None if training else running_var, training, eps, act, negative_slope)
     if training and running_mean is not None:
@@ -357,7 +359,8 @@ def _bn_setup(ctx, inputs, output):
 
 
 def _bn_backward(ctx, grad_y, _grad_mean, _grad_var):
-    """bn_act's gradients (torch.library's autograd formula, and _BnActFunction's backward)."""
+    """bn_act's gradients (torch.library's autograd formula; csrc/bn_act_autograd.cpp is the same in C++
+    for bn_act_eager)."""
     x, weight, bias, mean, var = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
         return (*differentiable_backward(lambda *t: _bn_act_reference(*t, mean, var, *ctx.args),
@@ -372,23 +375,6 @@ def _bn_backward(ctx, grad_y, _grad_mean, _grad_var):
 # Runs an op's kernel below the Autograd dispatch key (inside an autograd.Function's forward, which
 # records the graph itself); a no-op context where this torch lacks the private guard.
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
-
-
-class _BnActFunction(torch.autograd.Function):
-    """bn_act under autograd in eager mode, with the same kernels and formula as the op's
-    torch.library registration but without its Python autograd kernel: that layer (argument
-    flattening, a generated Function, setup_context) cost ~80 us per forward + backward, as much as
-    eager BatchNorm + LeakyReLU's whole forward and backward at small sizes, nine times per DCGAN step
-    (issue #16). torch.compile traces the registered op instead (_bn_act)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, act, slope):
-        with _below_autograd():
-            output = torch.ops.gan_fast.bn_act(x, weight, bias, running_mean, running_var, training, eps, act, slope)
-        _bn_setup(ctx, (x, weight, bias, running_mean, running_var, training, eps, act, slope), output)
-        return output
-
-    backward = staticmethod(_bn_backward)
 
 
 def _head_setup(ctx, inputs, output):
@@ -413,7 +399,7 @@ def _head_backward(ctx, grad_loss, _grad_logits):
 
 
 class _DHeadFunction(torch.autograd.Function):
-    """d_head_bce under autograd in eager mode, as _BnActFunction is for bn_act: the op's kernels and
+    """d_head_bce under autograd in eager mode (as bn_act_eager is for bn_act): the op's kernels and
     formula without torch.library's Python autograd layer (three calls per DCGAN step)."""
 
     @staticmethod

@@ -79,6 +79,31 @@ def test_gradcheck(name, training):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
+@needs_ext
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_act_eager_gradients_and_second_order(affine, training):
+    # bn_act_eager's autograd node is C++ (csrc/bn_act_autograd.cpp): its gradients by finite
+    # differences with every combination of optional gamma / beta (the node's edges are only the
+    # tensors given), and create_graph=True's differentiable gradients (gradgradcheck)
+    torch.manual_seed(1)
+    x = _f64(3, 4, 2, 3)
+    params = {"weight": _f64(4, positive=True), "bias": _f64(4)}
+    given = [k for k in ("weight", "bias") if affine in (k, "both")]
+    stats = (None, None) if training else (torch.randn(4, dtype=torch.float64) * 0.1,
+                                          torch.rand(4, dtype=torch.float64) + 0.5)
+
+    def fn(x, *p):
+        kw = dict(zip(given, p))
+        return torch.ops.gan_fast.bn_act_eager(x, kw.get("weight"), kw.get("bias"), *stats, training, EPS, 2,
+                                               SLOPE)[0]
+
+    inputs = [x, *(params[k] for k in given)]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+    if affine != "bias":  # torch's own F.batch_norm(weight=None, bias=b) fails gradgradcheck (d bias / d dy = 0)
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.library.opcheck of every raw op (schema, fake kernel, autograd registration, AOT dispatch).
 
@@ -93,7 +118,9 @@ def _raw_samples():
         b = torch.randn(5, device=DEVICE).requires_grad_()
         rm, rv = torch.randn(5, device=DEVICE) * 0.1, torch.rand(5, device=DEVICE) + 0.5
         out += [(ops.bn_act, (x, g, b, None, None, True, EPS, 2, SLOPE)),
-                (ops.bn_act, (x, None, None, rm, rv, False, EPS, 1, 0.0))]
+                (ops.bn_act, (x, None, None, rm, rv, False, EPS, 1, 0.0)),
+                (ops.bn_act_eager, (x, g, b, None, None, True, EPS, 2, SLOPE)),
+                (ops.bn_act_eager, (x, None, None, rm, rv, False, EPS, 1, 0.0))]
         y, m, v = ops.bn_act(x.detach(), g.detach(), b.detach(), None, None, True, EPS, 2, SLOPE)
         out += [(ops.bn_act_backward, (make_input(x.shape, layout, requires_grad=False), x.detach(), g.detach(),
                                        b.detach(), m, v, True, EPS, 2, SLOPE)),
