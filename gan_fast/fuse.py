@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import BACKENDS, ops_for, resolve
+from .backends.reference import check_batch_chunks
 
 __all__ = ["FoldedBatchNorm", "FoldedLayer", "FusedConv2dBatchNormLeakyReLU", "FusedConv2dLeakyReLU",
            "FusedConvTranspose2dBatchNormReLU", "FusedConvTranspose2dTanh", "FusedDHead",
@@ -390,6 +391,7 @@ def discriminator_loss(netD: nn.Module, x: torch.Tensor, target: torch.Tensor, b
     (issue #16: half the calls of D's update). The loss is the mean over all of them.
     """
     main = _fused_head_main(netD)
+    check_batch_chunks(batch_chunks, x.shape[0], "discriminator_loss")
     if batch_chunks != 1 and not can_stack_batches(netD):
         raise ValueError("discriminator_loss: batch_chunks > 1 needs a discriminator can_stack_batches() accepts")
     if main is not None:

@@ -155,7 +155,8 @@ class Trainer:
         self.fused_d_head = self.backend != "reference" and not cfg.compile and not dist.enabled
         # D's update on the real and the fake batch in one pass (BatchNorm statistics still per batch;
         # fuse.discriminator_loss): half its convolution calls. Measured on the 2-core CPU of issue #16
-        # in bf16: D's forward + backward 1.15x at digits and DCGAN-64; in fp32 0.93-0.98x, so not there.
+        # in bf16: D's forward + backward 1.15x, the step 1.02-1.08x at digits and DCGAN-64; in fp32 the
+        # step 0.99-1.03x, so not there.
         self.stacked_d_update = (self.fused_d_head and self.backend == "ext" and self.device.type == "cpu"
                                  and self.amp == "bf16" and can_stack_batches(self.netD))
         if cfg.compile:

@@ -203,6 +203,9 @@ def test_only_discriminators_without_batch_mixing_layers_stack_batches():
     x = torch.randn(4, 3, 16, 16)
     with pytest.raises(ValueError, match="batch_chunks > 1 needs a discriminator"):
         discriminator_loss(fused_d(momentum=None), x, torch.ones(4), batch_chunks=2)
+    for bad in (0, 3, True, 2.0):
+        with pytest.raises(ValueError, match="batch_chunks must be a positive int dividing the batch"):
+            discriminator_loss(fused_d(), x, torch.ones(4), batch_chunks=bad)
     with pytest.raises(ValueError, match="batch_chunks must be a positive int dividing the batch"):
         fused_d().main[2].ops.conv2d_bn_leaky_relu(
             x, torch.randn(8, 3, 4, 4), None, None, None, None, stride=2, padding=1, training=True,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ext_conv, reference
-from .reference import (ACT_LEAKY_RELU, ACT_RELU, ACT_TANH, check_momentum, check_slope,
+from .reference import (ACT_LEAKY_RELU, ACT_RELU, ACT_TANH, check_batch_chunks, check_momentum, check_slope,
                         conv2d_output_hw, conv_transpose2d_output_hw, differentiable_backward, loss_dtype, pair)
 
 __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv_transpose2d_bn_relu",
@@ -181,10 +181,7 @@ def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
     in one pass, gan_fast.fuse.discriminator_loss): one convolution over all, then BatchNorm with each
     chunk's own statistics and running-statistics update, in order, as separate calls would do."""
     _check_input(x, 4, "conv2d_bn_leaky_relu", "[N, C, H, W]")
-    if isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int) or batch_chunks < 1 or (
-            x.shape[0] % batch_chunks):
-        raise ValueError(f"conv2d_bn_leaky_relu: batch_chunks must be a positive int dividing the batch "
-                         f"({x.shape[0]}), got {batch_chunks!r}")
+    check_batch_chunks(batch_chunks, x.shape[0], "conv2d_bn_leaky_relu")
     y = ext_conv.conv(x, weight, pair(stride, "stride", 1), pair(padding, "padding", 0), transposed=False)
     slope = check_slope(negative_slope)
     out = [_bn_act(part, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, ACT_LEAKY_RELU,

@@ -121,6 +121,15 @@ def check_slope(negative_slope) -> float:
     return slope
 
 
+def check_batch_chunks(batch_chunks, batch: int, op: str) -> int:
+    """The number of equal batches stacked in a batch of ``batch`` samples (ext's conv2d_bn_leaky_relu,
+    fuse.discriminator_loss): a positive int dividing it."""
+    if isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int) or batch_chunks < 1 or batch % batch_chunks:
+        raise ValueError(f"{op}: batch_chunks must be a positive int dividing the batch ({batch}), "
+                         f"got {batch_chunks!r}")
+    return batch_chunks
+
+
 # Activation codes every backend uses for the epilogue activation (a tl.constexpr in the Triton
 # kernels, an int argument of the C++ ops; csrc/common.h's enum Act mirrors these numbers).
 ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_TANH = 0, 1, 2, 3
