@@ -19,7 +19,6 @@ from .reference import conv2d_output_hw, conv_transpose2d_output_hw, differentia
 __all__ = ["conv", "conv_transpose2d_of_a_point"]
 
 
-
 def conv_transpose2d_of_a_point(x: Tensor, weight: Tensor) -> Tensor:
     """conv_transpose2d of a 1x1 input with padding 0 (G's first layer, from the latent vector) as one
     matrix product: out[n, co, i, j] = sum_ci x[n, ci] * weight[ci, co, i, j], so the output's rows
