@@ -201,7 +201,8 @@ class Trainer:
             z = self.noise(b)
             with self.autocast:
                 fake = netG(z)
-                loss, out = discriminator_loss(self.netD, torch.cat([real, fake.detach()]),
+                # in fake's dtype (autocast's): D's first layer would cast an fp32 stack of both again
+                loss, out = discriminator_loss(self.netD, torch.cat([real.to(fake.dtype), fake.detach()]),
                                                torch.cat([ones, zeros]), self.bce, batch_chunks=2)
             err_d, out_real, out_fake = 2 * loss, out[:b], out[b:]  # 2 x the mean over both: real + fake
             scaler.scale(err_d).backward()
