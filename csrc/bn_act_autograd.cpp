@@ -72,6 +72,8 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     ctx->saved_data["act"] = act;
     ctx->saved_data["slope"] = slope;
     ctx->mark_non_differentiable({mean, var});
+    // mean and var never get a gradient: no zero tensors for them (two per call otherwise)
+    ctx->set_materialize_grads(false);
     return {y, mean, var};
   }
 

@@ -22,6 +22,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <tuple>
@@ -189,6 +190,15 @@ struct CpuKernels {
 };
 // The CPU-only col2im of ext_conv's GEMM + col2im forms (csrc/cpu/col2im_cpu.cpp).
 Tensor col2im_cpu(const Tensor& cols, at::IntArrayRef image_hw, at::IntArrayRef stride, at::IntArrayRef padding);
+// conv_act and conv_act_backward on the CPU (csrc/cpu/image_conv_cpu.cpp): conv_act_forward<CpuKernels> and
+// conv_act_backward<CpuKernels> below, or the direct kernels for a few-channel image's conv2d.
+Tensor conv_act_forward_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, int64_t act,
+                            double negative_slope);
+std::tuple<Tensor, Tensor, Tensor> conv_act_backward_cpu(const Tensor& grad_out, const Tensor& out, const Tensor& x,
+                                                         const Tensor& weight, bool has_bias, at::IntArrayRef stride,
+                                                         at::IntArrayRef padding, bool transposed, int64_t act,
+                                                         double negative_slope, std::array<bool, 3> output_mask);
 // Which build of the CPU BatchNorm kernels a dtype runs in this process ("default", "avx2",
 // "avx512", "avx512_bf16"; csrc/cpu/bn_cpu.cpp), for the tests and the benchmarks.
 const char* cpu_kernel_isa(at::ScalarType dtype);
@@ -372,11 +382,9 @@ Tensor conv_act_forward(const Tensor& x, const Tensor& weight, const c10::option
   return y;
 }
 
-template <class K>
-std::tuple<Tensor, Tensor, Tensor> conv_act_backward(
-    const Tensor& grad_out, const Tensor& out, const Tensor& x, const Tensor& weight, bool has_bias,
-    at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, int64_t act, double negative_slope,
-    std::array<bool, 3> output_mask) {
+inline void check_conv_act_backward_args(const Tensor& grad_out, const Tensor& out, const Tensor& x,
+                                         const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         bool transposed, int64_t act, double negative_slope) {
   const char* op = "gan_fast::conv_act_backward";
   check_conv_args(x, weight, c10::nullopt, stride, padding, transposed, op);
   check_act(act, negative_slope, op, /*allow_tanh=*/true);
@@ -387,6 +395,14 @@ std::tuple<Tensor, Tensor, Tensor> conv_act_backward(
               out.scalar_type(), ", ", x.scalar_type());
   check_same_device(grad_out, x, op, "grad_out");
   check_same_device(out, x, op, "output");
+}
+
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> conv_act_backward(
+    const Tensor& grad_out, const Tensor& out, const Tensor& x, const Tensor& weight, bool has_bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, int64_t act, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  check_conv_act_backward_args(grad_out, out, x, weight, stride, padding, transposed, act, negative_slope);
   Tensor g = grad_out;
   if (act != kActNone) {
     // The activation's derivative from the saved output: tanh' = 1 - y^2; LeakyReLU's mask is

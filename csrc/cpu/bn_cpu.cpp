@@ -12,6 +12,7 @@
 // gan_fast.backends.ext.cpu_kernel_isa(dtype) names the build a dtype runs.
 #define GAN_FAST_CPU_NS cpu_default
 #include "bn_cpu_kernels.h"
+#include "image_conv_kernels.h"
 
 #include <ATen/Version.h>
 
@@ -46,6 +47,13 @@ namespace cpu_avx512 { GAN_FAST_BN_ENTRY_POINTS }  // bn_cpu_avx512.cpp
 namespace cpu_avx512_bf16 { GAN_FAST_BN_ENTRY_POINTS }  // bn_cpu_avx512_bf16.cpp (bfloat16 only)
 #endif
 #undef GAN_FAST_BN_ENTRY_POINTS
+// The image convolution kernels' builds (image_conv_kernels.h); fp32 only, so no AVX512_BF16 build.
+#if GAN_FAST_CPU_AVX2_TU
+namespace cpu_avx2 { GAN_FAST_IMAGE_CONV_ENTRY_POINTS }
+#endif
+#if GAN_FAST_CPU_AVX512_TU
+namespace cpu_avx512 { GAN_FAST_IMAGE_CONV_ENTRY_POINTS }
+#endif
 
 namespace {
 
@@ -171,6 +179,40 @@ void CpuKernels::d_head_backward(const Tensor& grad_loss, const Tensor& x, const
 #undef GAN_FAST_BN_CASE_AVX2
 #undef GAN_FAST_BN_CASE_AVX512
 #undef GAN_FAST_BN_CASE_AVX512_BF16
+
+// The image convolution (image_conv.h): the best build, as for the fp32 BatchNorm kernels.
+#if GAN_FAST_CPU_AVX2_TU
+#define GAN_FAST_IMAGE_CASE_AVX2(fn, ...) \
+  case Isa::kAvx2: return cpu_avx2::fn(__VA_ARGS__);
+#else
+#define GAN_FAST_IMAGE_CASE_AVX2(fn, ...)
+#endif
+#if GAN_FAST_CPU_AVX512_TU
+#define GAN_FAST_IMAGE_CASE_AVX512(fn, ...) \
+  case Isa::kAvx512: return cpu_avx512::fn(__VA_ARGS__);
+#else
+#define GAN_FAST_IMAGE_CASE_AVX512(fn, ...)
+#endif
+#define GAN_FAST_IMAGE_CALL(fn, ...)              \
+  switch (best_isa()) {                           \
+    GAN_FAST_IMAGE_CASE_AVX512(fn, __VA_ARGS__)   \
+    GAN_FAST_IMAGE_CASE_AVX2(fn, __VA_ARGS__)     \
+    default: return cpu_default::fn(__VA_ARGS__); \
+  }
+
+void image_conv_forward(const Tensor& x, const Tensor& wt, const Tensor& b, const ImageConv& g, double slope,
+                        Tensor& y) {
+  GAN_FAST_IMAGE_CALL(image_conv_forward, x, wt, b, g, slope, y);
+}
+
+void image_conv_backward(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& wk, const ImageConv& g,
+                         double slope, Tensor& grad_wt, Tensor& grad_b, Tensor& cols) {
+  GAN_FAST_IMAGE_CALL(image_conv_backward, dy, y, x, wk, g, slope, grad_wt, grad_b, cols);
+}
+
+#undef GAN_FAST_IMAGE_CALL
+#undef GAN_FAST_IMAGE_CASE_AVX2
+#undef GAN_FAST_IMAGE_CASE_AVX512
 
 // The running-stat update: C elements, scalar.
 void CpuKernels::bn_update_stats(Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var,

@@ -20,6 +20,7 @@
 #define CPU_CAPABILITY_AVX2
 #define GAN_FAST_CPU_NS cpu_avx2
 #include "bn_cpu_kernels.h"
+#include "image_conv_kernels.h"
 
 // The AVX2 specializations of at::vec were selected, not the generic fallback.
 static_assert(std::is_same_v<at::vec::Vectorized<float>, at::vec::AVX2::Vectorized<float>>,

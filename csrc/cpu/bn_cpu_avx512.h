@@ -28,6 +28,9 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "bn_cpu_kernels.h"
+#if !GAN_FAST_CPU_NATIVE_BF16  // fp32 only: the bfloat16 build has nothing to add
+#include "image_conv_kernels.h"
+#endif
 
 static_assert(std::is_same_v<at::vec::Vectorized<float>, at::vec::AVX512::Vectorized<float>> &&
                   at::vec::Vectorized<float>::size() == 16,

@@ -30,7 +30,6 @@ says why and the ops raise BackendUnavailable.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -38,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ext_conv, reference
-from .reference import (ACT_LEAKY_RELU, ACT_RELU, ACT_TANH, check_batch_chunks, check_momentum, check_slope,
-                        conv2d_output_hw, conv_transpose2d_output_hw, differentiable_backward, loss_dtype, pair)
+from .reference import (ACT_LEAKY_RELU, ACT_RELU, ACT_TANH, below_autograd, check_batch_chunks, check_momentum,
+                        check_slope, conv2d_output_hw, conv_transpose2d_output_hw, differentiable_backward, loss_dtype,
+                        pair)
 
 __all__ = ["bce_with_logits", "conv2d_bn_leaky_relu", "conv2d_leaky_relu", "conv_transpose2d_bn_relu",
            "conv_transpose2d_tanh", "d_head_bce_with_logits", "linear_bn_leaky_relu", "unavailable_reason",
@@ -200,6 +200,23 @@ def conv_transpose2d_tanh(x, weight, bias, *, stride, padding) -> Tensor:
     return _conv_act(x, weight, bias, pair(stride, "stride", 1), pair(padding, "padding", 0), True, ACT_TANH, 0.0)
 
 
+def _image_conv_applies(x, weight, bias, transposed, act, out_channels) -> bool:
+    """Whether conv_act's CPU op computes this call with its own kernels (csrc/cpu/image_conv.h: D's first
+    layer, a conv2d of a channels_last fp32 image of at most 4 channels, then LeakyReLU), which measured
+    faster there than oneDNN and the separate activation pass (issue #16). The op decides again: where
+    this says yes and it says no, it runs ATen's convolution, the same numbers."""
+    return (not transposed and act == ACT_LEAKY_RELU and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and x.dim() == 4 and weight.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and 0 < x.shape[1] <= _IMAGE_CONV_MAX_CHANNELS and x.shape[1] == weight.shape[1] and x.numel() > 0
+            and weight.device == x.device and _conv_format(x) == torch.channels_last
+            and (bias is None or (bias.dtype == torch.float32 and bias.device == x.device
+                                  and tuple(bias.shape) == (out_channels,))))
+
+
+# csrc/cpu/image_conv.h's kImageConvMaxChannels.
+_IMAGE_CONV_MAX_CHANNELS = 4
+
+
 def _conv_act(x, weight, bias, stride, padding, transposed, act, slope) -> Tensor:
     """The conv_act op; in eager mode on a CPU, for a well-formed call, ext_conv.conv and the activation
     in place under autograd: the op's CPU kernels are ATen's calls (csrc/common.h), and its autograd layer
@@ -207,6 +224,8 @@ def _conv_act(x, weight, bias, stride, padding, transposed, act, slope) -> Tenso
     torch.compile, a malformed one: the op's messages) goes through the op."""
     ops = _ops()  # BackendUnavailable first, where the extension is missing
     out_channels = weight.shape[1 if transposed else 0] if weight.dim() == 4 else -1
+    if _image_conv_applies(x, weight, bias, transposed, act, out_channels):
+        return _ConvActFunction.apply(x, weight, bias, stride, padding, transposed, act, slope)
     if (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dim() == 4 and weight.dim() == 4
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.device == x.device and x.shape[1] == weight.shape[0 if transposed else 1]
@@ -369,11 +388,6 @@ def _bn_backward(ctx, grad_y, _grad_mean, _grad_var):
             gb.to(bias.dtype) if need[2] else None, None, None, None, None, None, None)
 
 
-# Runs an op's kernel below the Autograd dispatch key (inside an autograd.Function's forward, which
-# records the graph itself); a no-op context where this torch lacks the private guard.
-_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
-
-
 def _head_setup(ctx, inputs, output):
     x, weight, target = inputs
     ctx.mark_non_differentiable(output[1])
@@ -384,6 +398,8 @@ def _head_backward(ctx, grad_loss, _grad_logits):
     """d_head_bce's gradients (torch.library's autograd formula, and _DHeadFunction's backward)."""
     x, weight, target, logits = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if grad_loss is None:  # not materialized (_DHeadFunction): the loss got no gradient
+        return None, None, None
     if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
         return tuple(differentiable_backward(reference.d_head_bce_with_logits, (x, weight, target),
                                              (grad_loss, None), need))
@@ -401,9 +417,10 @@ class _DHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, target):
-        with _below_autograd():
+        with below_autograd():
             output = torch.ops.gan_fast.d_head_bce(x, weight, target)
         _head_setup(ctx, (x, weight, target), output)
+        ctx.set_materialize_grads(False)  # the logits get no gradient: no zero tensor for them
         return output
 
     backward = staticmethod(_head_backward)
@@ -414,6 +431,40 @@ def _conv_act_reference(x, weight, bias, stride, padding, transposed, act, slope
     conv = F.conv_transpose2d if transposed else F.conv2d
     z = conv(x, weight, bias, stride, padding)
     return torch.tanh(z) if act == ACT_TANH else F.leaky_relu(z, slope)
+
+
+def _conv_act_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, transposed, act, slope = inputs
+    ctx.save_for_backward(x, weight, bias, output)
+    ctx.args = (bias is not None, stride, padding, transposed, act, slope)
+
+
+def _conv_act_backward(ctx, grad_y):
+    """conv_act's gradients (torch.library's autograd formula, and _ConvActFunction's backward)."""
+    x, weight, bias, out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+        return (*differentiable_backward(lambda *t: _conv_act_reference(*t, *ctx.args[1:]),
+                                         (x, weight, bias), (grad_y,), need[:3]),
+                None, None, None, None, None)
+    gx, gw, gb = torch.ops.gan_fast.conv_act_backward(grad_y, out, x, weight, *ctx.args, list(need[:3]))
+    return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None,
+            None, None, None, None, None)
+
+
+class _ConvActFunction(torch.autograd.Function):
+    """conv_act under autograd in eager mode on a CPU, for the few-channel images whose convolution
+    the op computes with its own kernels (_image_conv_applies): the op's kernels and formula without
+    torch.library's Python autograd layer, as _DHeadFunction."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, transposed, act, slope):
+        with below_autograd():
+            output = torch.ops.gan_fast.conv_act(x, weight, bias, stride, padding, transposed, act, slope)
+        _conv_act_setup(ctx, (x, weight, bias, stride, padding, transposed, act, slope), output)
+        return output
+
+    backward = staticmethod(_conv_act_backward)
 
 
 def _register() -> None:
@@ -461,23 +512,7 @@ def _register() -> None:
         return (gx if output_mask[0] else x.new_empty((0,)), gw if output_mask[1] else x.new_empty((0,)),
                 gb if has_bias and output_mask[2] else x.new_empty((0,)))
 
-    def conv_setup(ctx, inputs, output):
-        x, weight, bias, stride, padding, transposed, act, slope = inputs
-        ctx.save_for_backward(x, weight, bias, output)
-        ctx.args = (bias is not None, stride, padding, transposed, act, slope)
-
-    def conv_backward(ctx, grad_y):
-        x, weight, bias, out = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            return (*differentiable_backward(lambda *t: _conv_act_reference(*t, *ctx.args[1:]),
-                                             (x, weight, bias), (grad_y,), need[:3]),
-                    None, None, None, None, None)
-        gx, gw, gb = torch.ops.gan_fast.conv_act_backward(grad_y, out, x, weight, *ctx.args, list(need[:3]))
-        return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None,
-                None, None, None, None, None)
-
-    torch.library.register_autograd(lib + "conv_act", conv_backward, setup_context=conv_setup)
+    torch.library.register_autograd(lib + "conv_act", _conv_act_backward, setup_context=_conv_act_setup)
 
     # ---- BCE with logits
     @torch.library.register_fake(lib + "bce_with_logits")

@@ -8,6 +8,7 @@ backends also use these compositions for second-order gradients (``differentiabl
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -164,6 +165,11 @@ def conv_transpose2d_output_hw(hw, kernel_hw, stride, padding, dilation=(1, 1),
     """nn.ConvTranspose2d's output height and width (its docs' formula)."""
     return tuple((hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel_hw[i] - 1)
                  + output_padding[i] + 1 for i in range(2))
+
+
+# Runs an op's kernel below the Autograd dispatch key (inside an autograd.Function's forward or backward,
+# which records the graph itself, or records none); a no-op context where this torch lacks the private guard.
+below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 
 
 # ---- second-order gradients

@@ -1,17 +1,19 @@
 """The ext backend's CPU-only forms of its blocks, each against the reference composition it replaces
 (issue #16): G's first block (the 1x1 latent -> 4x4) as one matrix product instead of oneDNN's
 transposed convolution, the bf16 weight gradients of D's and G's deep blocks as im2col + one GEMM, the
-fp32 deepest blocks as GEMMs, the fp32 few-channel image side as GEMM + col2im, and the eager paths that
-skip a Python autograd layer (conv_act without the op, the D head as a plain autograd.Function,
-convolutions without a GEMM form under ATen's autograd).
+fp32 deepest blocks as GEMMs, the fp32 few-channel image side as GEMM + col2im or the direct image
+convolution kernels, and the eager paths that skip a Python autograd layer (conv_act and the D head as
+plain autograd.Functions, convolutions without a GEMM form under ATen's autograd).
 test_ext_ops.py has every block in every layout and dtype."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gan_fast.backends import ext, reference
+from gan_fast.backends.reference import ACT_LEAKY_RELU, ACT_NONE
 
 from ..conftest import needs_ext
 from .utils import (DEVICE, EPS, MOMENTUM, assert_close, bn_params, check_bn_op_against_fp64, grads,
@@ -189,12 +191,12 @@ def test_deepest_fp32_blocks_run_as_gemms(name, n, cin, cout, size, layout, gemm
 @pytest.mark.skipif(DEVICE != "cpu", reason="the eager CPU paths")
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_act_in_eager_cpu_mode_skips_the_op(transposed, dtype):
-    # issue #16: on a CPU the conv_act op only calls ATen's convolution and activation, and its
-    # torch.library autograd layer cost 200-300 us per forward + backward: in eager mode the block runs
-    # the blocks' convolution (ext_conv.conv) and the activation in place under autograd. In fp32 the
-    # few-channel image side (G's last layer's output, D's first layer's input gradient) is GEMM +
-    # col2im, within fp32's 1e-5 of the reference; in bf16 it is ATen's arithmetic, bit for bit.
+def test_conv_act_in_eager_cpu_mode_skips_the_library_autograd_layer(transposed, dtype):
+    # issue #16: conv_act's torch.library autograd layer cost 200-300 us per forward + backward at the
+    # digits size. In eager mode on a CPU: fp32 D's first layer (a few-channel image) is the op's own
+    # kernels (csrc/cpu/image_conv.h) under a plain autograd.Function; G's last layer is ext_conv's GEMM +
+    # col2im forward, and its gradients are the same image kernels (conv2d's of the image dY). In bf16
+    # both are ATen's convolution and the activation in place, bit for bit ATen's arithmetic.
     w = make_input((37, 3, 4, 4), dtype=dtype, scale=0.2)  # conv2d: 3 -> 37 channels; transposed: 37 -> 3
     x = make_input((2, 37, 6, 6) if transposed else (2, 3, 12, 12), "channels_last", dtype=dtype)
     name, kw = ("conv_transpose2d_tanh", {}) if transposed else ("conv2d_leaky_relu", {"negative_slope": 0.2})
@@ -207,17 +209,22 @@ def test_conv_act_in_eager_cpu_mode_skips_the_op(transposed, dtype):
 
     with _OpNames() as ops:
         y = fused(x, w)
-        dy = make_input(y.shape, requires_grad=False, dtype=dtype)
+        dy = make_input(y.shape, "channels_last", requires_grad=False, dtype=dtype)
         got = torch.autograd.grad(y, [x, w], dy)
-    assert "gan_fast::conv_act" not in ops.names and "gan_fast::conv_act_backward" not in ops.names, ops.names
-    assert ("gan_fast::col2im" in ops.names) == (dtype == torch.float32), ops.names
+    fp32 = dtype == torch.float32
+    assert (("gan_fast::conv_act" in ops.names and "gan_fast::conv_act_backward" in ops.names) == fp32
+            and ("aten::convolution" not in ops.names and "aten::convolution_backward" not in ops.names) == fp32), \
+        ops.names
+    assert ("gan_fast::col2im" in ops.names) == (fp32 and transposed), ops.names
+    if fp32 and not transposed:
+        assert type(y.grad_fn).__name__ == "_ConvActFunctionBackward", y.grad_fn
     y_ref = ref(x, w)
     assert y.stride() == y_ref.stride()
     with torch.no_grad():  # sampling: the same path
         y_no_grad = fused(x, w)
     for a, b, label in [(y, y_ref, "y"), (y_no_grad, y_ref, "y without autograd"),
                         *zip(got, torch.autograd.grad(y_ref, [x, w], dy), ["dx", "dw"])]:
-        if dtype == torch.float32:
+        if fp32:
             assert_close(a, b, RTOL, label)
         else:
             assert torch.equal(a, b), label
@@ -235,8 +242,10 @@ def test_conv_act_in_eager_cpu_mode_skips_the_op(transposed, dtype):
 def test_few_channel_image_side_is_gemm_and_col2im(n, image_channels, feature_channels, size, k, stride, padding):
     # issue #16: G's last transposed convolution and D's first layer's input gradient (an image of at
     # most 4 channels from many feature channels) ran 4-10x slower in oneDNN's fp32 kernels than one GEMM
-    # + csrc/cpu/col2im_cpu.cpp. Both against the reference on awkward shapes, outputs poisoned first;
-    # D's first layer takes the form only where its input needs a gradient (the G update).
+    # + csrc/cpu/col2im_cpu.cpp. G's last layer is that GEMM + col2im, and its gradients, like all of
+    # D's first layer, the direct image kernels (csrc/cpu/image_conv.h; their input gradient is columns
+    # + col2im too). Both against the reference on awkward shapes, outputs poisoned first, D's first
+    # layer with and without an input gradient (the G update, the D update).
     from gan_fast.backends import ext_conv
 
     w = make_input((feature_channels, image_channels, k, k), scale=0.2).detach().requires_grad_()
@@ -250,7 +259,8 @@ def test_few_channel_image_side_is_gemm_and_col2im(n, image_channels, feature_ch
             y = ext.conv_transpose2d_tanh(features, w, None, stride=stride, padding=padding)
             dy = make_input(y.shape, requires_grad=False)
             got = torch.autograd.grad(y, [features, w], dy)
-        assert "gan_fast::col2im" in ops.names and "aten::convolution" not in ops.names, ops.names
+        assert {"gan_fast::col2im", "gan_fast::conv_act", "gan_fast::conv_act_backward"} <= ops.names, ops.names
+        assert not {"aten::convolution", "aten::convolution_backward"} & ops.names, ops.names
         y_ref = reference.conv_transpose2d_tanh(features, w, None, stride=stride, padding=padding)
         assert_close(y, y_ref, RTOL, "G's last layer")
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -262,7 +272,7 @@ def test_few_channel_image_side_is_gemm_and_col2im(n, image_channels, feature_ch
                 z = ext.conv2d_leaky_relu(x, w, None, stride=stride, padding=padding, negative_slope=0.2)
                 dz = make_input(z.shape, "channels_last", requires_grad=False)  # as D's second layer gives it
                 got = torch.autograd.grad(z, [x, w] if needs_grad else [w], dz)
-            assert ("gan_fast::col2im" in ops.names) == needs_grad, ops.names
+            assert "gan_fast::conv_act_backward" in ops.names and "aten::convolution" not in ops.names, ops.names
             z_ref = reference.conv2d_leaky_relu(x, w, None, stride=stride, padding=padding, negative_slope=0.2)
             assert_close(z, z_ref, RTOL, "D's first layer")
             want = torch.autograd.grad(z_ref, [x, w] if needs_grad else [w], dz)
@@ -343,3 +353,110 @@ def test_deepest_bf16_blocks_take_the_im2col_forms(name, n, cin, cout, size):
     assert ("aten::convolution" in ops.names) == transposed, ops.names
     assert seen.masks == ([] if transposed else [[True, False, False]]), seen.masks
     check_bn_op_against_fp64(fused, ref, [x, w, gamma, beta], torch.bfloat16, grad_count=4, cast_count=2)
+
+
+def _image_conv_cases():
+    """(n, c, cout, h, w, k, stride, padding, bias, act, slope, layout): the digits and DCGAN-64 first
+    layers, then 24 drawn from a fixed seed: batch 1-3, 1-4 image channels, output channels around a
+    vector's width (tails of 1-15 lanes), kernels 1-5, strides 1-3, paddings 0-2, with and without a
+    bias, LeakyReLU of slope 0 / 0.2 / 1 or no activation, channels_last or a strided channels_last view."""
+    cases = [(3, 1, 32, 32, 32, 4, 2, 1, False, ACT_LEAKY_RELU, 0.2, "channels_last"),
+             (2, 3, 64, 64, 64, 4, 2, 1, False, ACT_LEAKY_RELU, 0.2, "channels_last")]
+    gen = torch.Generator().manual_seed(16)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=gen))]  # noqa: E731
+    while len(cases) < 26:
+        k, stride, padding = pick([1, 2, 3, 4, 5]), pick([1, 2, 3]), pick([0, 1, 2])
+        h, w = pick([5, 7, 9, 16]), pick([4, 6, 11])
+        if h + 2 * padding < k or w + 2 * padding < k:
+            continue
+        act, slope = pick([(ACT_LEAKY_RELU, 0.0), (ACT_LEAKY_RELU, 0.2), (ACT_LEAKY_RELU, 1.0), (ACT_NONE, 0.0)])
+        cases.append((pick([1, 2, 3]), pick([1, 2, 3, 4]), pick([3, 5, 16, 17, 37, 63]), h, w, k, stride, padding,
+                      pick([False, True]), act, slope, pick(["channels_last", "strided"])))
+    return cases
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="csrc/cpu's kernels")
+def test_image_conv_kernels_match_float64():
+    # csrc/cpu/image_conv.h: conv_act's CPU op computes conv2d + LeakyReLU of a channels_last fp32 image
+    # of at most 4 channels with its own kernels. Output, input / weight / bias gradients (each alone and
+    # all together) against fp64, outputs poisoned first; the profiler shows no ATen convolution (the
+    # fallback the op takes for other calls).
+    ops = torch.ops.gan_fast
+    for n, c, cout, h, w, k, stride, padding, has_bias, act, slope, layout in _image_conv_cases():
+        where = (n, c, cout, h, w, k, stride, padding, has_bias, act, slope, layout)
+        # channels_last memory even for 1 channel (as the trainer's batches and G's output are), or every
+        # other column of a wider such image: strides, not a copy
+        x = make_input((n, h, 2 * w if layout == "strided" else w, c), requires_grad=False).permute(0, 3, 1, 2)
+        x = x[..., ::2] if layout == "strided" else x
+        weight = make_input((cout, c, k, k), requires_grad=False, scale=0.3)
+        bias = make_input((cout,), requires_grad=False) if has_bias else None
+        ext.set_poison_outputs(True)
+        try:
+            with torch.profiler.profile() as prof:
+                y = ops.conv_act(x, weight, bias, [stride] * 2, [padding] * 2, False, act, slope)
+                dy = make_input(y.shape, "channels_last", requires_grad=False)
+                grads = [ops.conv_act_backward(dy, y, x, weight, has_bias, [stride] * 2, [padding] * 2, False, act,
+                                               slope, mask)
+                         for mask in ([True, True, True], [True, False, False], [False, True, False])]
+        finally:
+            ext.set_poison_outputs(False)
+        names = {e.name for e in prof.events()}
+        assert not {"aten::convolution", "aten::convolution_backward"} & names, (where, names)
+        x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+        b64 = bias.double().requires_grad_() if has_bias else None
+        z = F.conv2d(x64, w64, b64, stride, padding)
+        y64 = F.leaky_relu(z, slope) if act == ACT_LEAKY_RELU else z
+        want = torch.autograd.grad(y64, [x64, w64] + ([b64] if has_bias else []), dy.double())
+        assert y.is_contiguous(memory_format=torch.channels_last), where
+        assert_close(y.double(), y64, RTOL, f"{where} y")
+        for got, label in zip(grads[0][:2 + has_bias], ["dx", "dw", "db"]):
+            assert_close(got.double(), want[["dx", "dw", "db"].index(label)], RTOL, f"{where} {label}")
+        assert torch.equal(grads[1][0], grads[0][0]) and grads[1][1].numel() == 0, where  # the input gradient alone
+        assert torch.equal(grads[2][1], grads[0][1]) and grads[2][0].numel() == 0, where  # the weight gradient alone
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="csrc/cpu's kernels")
+def test_image_conv_kernels_keep_nan_and_inf_where_the_reference_does():
+    x = make_input((2, 9, 9, 3), requires_grad=False).permute(0, 3, 1, 2)
+    x[0, 1, 2, 3], x[1, 0, 7, 7], x[1, 2, 0, 0] = float("nan"), float("inf"), -float("inf")
+    weight = make_input((37, 3, 4, 4), requires_grad=False, scale=0.3)
+    y = ext.conv2d_leaky_relu(x, weight, None, stride=2, padding=1, negative_slope=0.2)
+    want = reference.conv2d_leaky_relu(x, weight, None, stride=2, padding=1, negative_slope=0.2)
+    assert torch.equal(torch.isnan(y), torch.isnan(want)) and torch.equal(torch.isinf(y), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert fin.any() and not fin.all()
+    assert_close(torch.where(fin, y, 0.0), torch.where(fin, want, 0.0), RTOL, "finite outputs")
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="csrc/cpu's kernels")
+def test_image_conv_of_an_empty_batch_or_a_wrong_output_is_the_ops_answer():
+    weight = make_input((5, 1, 4, 4), requires_grad=False)
+    empty = torch.empty(0, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = ext.conv2d_leaky_relu(empty, weight, None, stride=2, padding=1, negative_slope=0.2)
+    assert y.shape == (0, 5, 4, 4)
+    x = make_input((2, 8, 8, 1), requires_grad=False).permute(0, 3, 1, 2)
+    y = torch.ops.gan_fast.conv_act(x, weight, None, [2, 2], [1, 1], False, ACT_LEAKY_RELU, 0.2)
+    with pytest.raises(RuntimeError, match=r"conv_act_backward: output has shape .* gives \[2, 5, 4, 4\]"):
+        torch.ops.gan_fast.conv_act_backward(y[:, :, :3], y[:, :, :3], x, weight, False, [2, 2], [1, 1], False,
+                                             ACT_LEAKY_RELU, 0.2, [True, True, False])
+
+
+@needs_ext
+@pytest.mark.skipif(DEVICE != "cpu", reason="csrc/cpu's kernels")
+def test_image_conv_second_order_gradients_match_the_reference():
+    # create_graph=True through D's first layer (a gradient penalty, as WGAN-GP / R1 take it): the
+    # backward of _ConvActFunction is then ATen's differentiable composition
+    x = make_input((2, 9, 9, 3), requires_grad=False).permute(0, 3, 1, 2).requires_grad_()
+    weight = make_input((37, 3, 4, 4), scale=0.3)
+    got, want = [], []
+    for f, out in ((ext.conv2d_leaky_relu, got), (reference.conv2d_leaky_relu, want)):
+        y = f(x, weight, None, stride=2, padding=1, negative_slope=0.2)
+        (gx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+        out += torch.autograd.grad(gx.square().sum(), [x, weight])
+    assert type(ext.conv2d_leaky_relu(x, weight, None, stride=2, padding=1, negative_slope=0.2).grad_fn).__name__ \
+        == "_ConvActFunctionBackward"
+    for g, w, label in zip(got, want, ["d2 x", "d2 weight"]):
+        assert_close(g, w, RTOL, label)

@@ -1,7 +1,7 @@
 """Each ISA build of the ext backend's CPU kernels (csrc/cpu/bn_cpu.cpp: baseline, AVX2, AVX-512, and
 AVX-512 with AVX512_BF16 for bfloat16), each forced in a subprocess, against the reference and against
 each other: BatchNorm + activation forward and backward, the float -> bfloat16 rounding, the fused D
-head. A CPU test (test_ext_ops.py has the ops on every device)."""
+head, the image convolution. A CPU test (test_ext_ops.py has the ops on every device)."""
 from __future__ import annotations
 
 import os
@@ -55,7 +55,18 @@ def _isa_inputs() -> dict:
     heads = [dict(x=torch.randn((3, 37, 4, 4), generator=gen).to(dtype).contiguous(memory_format=layout),
                   w=(torch.randn((1, 37, 4, 4), generator=gen) * 0.05).to(dtype), t=torch.rand(3, generator=gen))
              for dtype in (torch.float32, torch.bfloat16) for layout in (torch.contiguous_format, torch.channels_last)]
-    return {"cases": cases, "bias": bias, "heads": heads}
+    # the image convolution kernels (csrc/cpu/image_conv_kernels.h, fp32): 3 -> 37 channels with a bias
+    # (a 5-lane tail), 1 -> 63 stride 1 without one; channels_last memory
+    images = []
+    for (n, c, cout, h, w, k, s, p, bias_, slope) in [(2, 3, 37, 11, 9, 4, 2, 1, True, 0.2),
+                                                     (3, 1, 63, 8, 8, 3, 1, 1, False, 0.0)]:
+        oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        images.append(dict(x=torch.randn((n, h, w, c), generator=gen).permute(0, 3, 1, 2),
+                           w=torch.randn((cout, c, k, k), generator=gen) * 0.3,
+                           b=torch.randn(cout, generator=gen) if bias_ else None,
+                           dy=torch.randn((n, oh, ow, cout), generator=gen).permute(0, 3, 1, 2),
+                           s=[s, s], p=[p, p], slope=slope))
+    return {"cases": cases, "bias": bias, "heads": heads, "images": images}
 
 
 # Run in each subprocess on _isa_inputs(): every case's output and gradients, and eval-mode bf16
@@ -85,6 +96,11 @@ for k in inputs["heads"]:
     x, w = k["x"].clone().requires_grad_(), k["w"].clone().requires_grad_()
     loss, logits = ext.d_head_bce_with_logits(x, w, k["t"])
     out["heads"].append((loss, logits, *torch.autograd.grad(loss, [x, w])))
+out["images"] = []
+for k in inputs["images"]:
+    y = torch.ops.gan_fast.conv_act(k["x"], k["w"], k["b"], k["s"], k["p"], False, 2, k["slope"])
+    out["images"].append((y, *torch.ops.gan_fast.conv_act_backward(
+        k["dy"], y, k["x"], k["w"], k["b"] is not None, k["s"], k["p"], False, 2, k["slope"], [True, True, True])))
 torch.save(out, sys.argv[2])
 """
 
@@ -171,6 +187,16 @@ def test_each_isa_build_of_the_cpu_kernels_matches_the_reference(isa_runs):
             for i, label in enumerate(("loss", "logits", "dx", "dw")):
                 why = _agree(got[i], ref[dtype][i].to(got[i].dtype), ref[torch.float64][i], dtype)
                 assert why is None, (name, "d_head", str(dtype), label, why)
+        for k, got in zip(_isa_inputs()["images"], out["images"]):
+            ref = {}
+            for rdt in (torch.float32, torch.float64):
+                x, w = k["x"].to(rdt).requires_grad_(), k["w"].to(rdt).requires_grad_()
+                b = k["b"].to(rdt).requires_grad_() if k["b"] is not None else None
+                y = F.leaky_relu(F.conv2d(x, w, b, k["s"], k["p"]), k["slope"])
+                ref[rdt] = (y, *torch.autograd.grad(y, [x, w] + ([b] if b is not None else []), k["dy"].to(rdt)))
+            for i, label in enumerate(("y", "dx", "dw", "db")[:len(ref[torch.float64])]):
+                why = _agree(got[i], ref[torch.float32][i], ref[torch.float64][i], torch.float32)
+                assert why is None, (name, "image conv", tuple(k["x"].shape), label, why)
 
 
 @needs_ext
@@ -194,6 +220,10 @@ def test_the_isa_builds_agree_with_each_other(isa_runs):
                 assert err <= tol, (name, str(k["dtype"]), k["c"], k["n"], k["layout"], label, err, tol)
                 if name == "avx2" and label in ("db", "rm"):
                     assert torch.equal(_bits(k[label]), _bits(k0[label])), (str(k["dtype"]), k["c"], k["n"], label)
+        for got, want in zip(out["images"], base["images"]):  # the image convolution's y, dx, dw, db
+            for g, w in zip(got, want):
+                tol = 2 * FLOOR[torch.float32] * (w.abs().max().item() if w.numel() else 0.0)
+                assert g.shape == w.shape and (w.numel() == 0 or (g - w).abs().max().item() <= tol), name
         for layout in ("contiguous", "channels_last"):
             bias, y = out["round_" + layout]
             want = _bf16_bits_c10(bias).view(1, -1, 1, 1).expand(y.shape)

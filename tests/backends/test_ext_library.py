@@ -135,6 +135,14 @@ def _raw_samples():
         yc = ops.conv_act(x.detach(), w.detach(), bias.detach(), [1, 1], [1, 1], False, 2, SLOPE)
         out.append((ops.conv_act_backward, (make_input(yc.shape, layout, requires_grad=False), yc, x.detach(),
                                             w.detach(), True, [1, 1], [1, 1], False, 2, SLOPE, [True, True, True])))
+        # a 3-channel channels_last image: the CPU op's own kernels (csrc/cpu/image_conv.h)
+        xi = make_input((2, 7, 6, 3), requires_grad=False).permute(0, 3, 1, 2).requires_grad_()
+        wi = make_input((5, 3, 3, 3))
+        out.append((ops.conv_act, (xi, wi, bias.detach()[:1].expand(5).contiguous(), [2, 1], [1, 0], False, 2, SLOPE)))
+        yi = ops.conv_act(xi.detach(), wi.detach(), None, [1, 1], [1, 1], False, 0, 0.0)
+        out.append((ops.conv_act_backward, (make_input((2, 7, 6, 5), requires_grad=False).permute(0, 3, 1, 2), yi,
+                                            xi.detach(), wi.detach(), False, [1, 1], [1, 1], False, 0, 0.0,
+                                            [True, True, False])))
         yt = ops.conv_act(x.detach(), wt.detach(), None, [2, 2], [1, 1], True, 3, 0.0)
         out.append((ops.conv_act_backward, (make_input(yt.shape, "strided", requires_grad=False), yt, x.detach(),
                                             wt.detach(), False, [2, 2], [1, 1], True, 3, 0.0, [False, True, False])))
