@@ -154,11 +154,12 @@ class Trainer:
         # --compile, which compiles that forward, nor under DDP, whose forward hooks the gradients
         self.fused_d_head = self.backend != "reference" and not cfg.compile and not dist.enabled
         # D's update on the real and the fake batch in one pass (BatchNorm statistics still per batch;
-        # fuse.discriminator_loss): half its convolution calls. Measured on the 2-core CPU of issue #16
-        # in bf16: D's forward + backward 1.15x, the step 1.02-1.08x at digits and DCGAN-64; in fp32 the
-        # step 0.99-1.03x, so not there.
+        # fuse.discriminator_loss): half its convolution calls. Measured on the 2-core CPU of issue #16,
+        # the step: bf16 1.02-1.08x at digits and DCGAN-64; fp32 1.02-1.04x at digits and 1.02x at
+        # DCGAN-64 (once D's first layer and the BatchNorm reductions got their own kernels; 0.99-1.03x
+        # before). fp16 autocast on a CPU is not measured: not there.
         self.stacked_d_update = (self.fused_d_head and self.backend == "ext" and self.device.type == "cpu"
-                                 and self.amp == "bf16" and can_stack_batches(self.netD))
+                                 and self.amp in ("off", "bf16") and can_stack_batches(self.netD))
         if cfg.compile:
             self.netG.compile()  # in place: the state_dict keys stay those of the plain module
             self.netD.compile()

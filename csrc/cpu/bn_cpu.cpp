@@ -200,14 +200,14 @@ void CpuKernels::d_head_backward(const Tensor& grad_loss, const Tensor& x, const
     default: return cpu_default::fn(__VA_ARGS__); \
   }
 
-void image_conv_forward(const Tensor& x, const Tensor& wt, const Tensor& b, const ImageConv& g, double slope,
+void image_conv_forward(const Tensor& x, const Tensor& weight, const Tensor& b, const ImageConv& g, double slope,
                         Tensor& y) {
-  GAN_FAST_IMAGE_CALL(image_conv_forward, x, wt, b, g, slope, y);
+  GAN_FAST_IMAGE_CALL(image_conv_forward, x, weight, b, g, slope, y);
 }
 
-void image_conv_backward(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& wk, const ImageConv& g,
-                         double slope, Tensor& grad_wt, Tensor& grad_b, Tensor& cols) {
-  GAN_FAST_IMAGE_CALL(image_conv_backward, dy, y, x, wk, g, slope, grad_wt, grad_b, cols);
+void image_conv_backward(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& weight, const ImageConv& g,
+                         double slope, Tensor& grad_w, Tensor& grad_b, Tensor& cols) {
+  GAN_FAST_IMAGE_CALL(image_conv_backward, dy, y, x, weight, g, slope, grad_w, grad_b, cols);
 }
 
 #undef GAN_FAST_IMAGE_CALL

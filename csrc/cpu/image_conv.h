@@ -28,17 +28,17 @@ struct ImageConv {
   int64_t xs[4];
 };
 
-// Each ISA build's entry points (image_conv_kernels.h), fp32 only:
-//   forward:  y (channels_last [N, OH, OW, Cout]) = act(x * w + b); wt is the weight as [K, Cout]
-//             row-major, b may be undefined; act is LeakyReLU(slope) (slope 1: none);
-//   backward: from dy and y (channels_last) with g = dy * act'(y): grad_wt [K, Cout] (fp32) and
-//             grad_b [Cout] when defined, and cols [N * OH * OW, K] = g @ wk^T when defined, wk the
-//             weight as [Cout, K].
-#define GAN_FAST_IMAGE_CONV_ENTRY_POINTS                                                                       \
-  void image_conv_forward(const Tensor& x, const Tensor& wt, const Tensor& b, const ImageConv& g, double slope,  \
-                          Tensor& y);                                                                            \
-  void image_conv_backward(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& wk, const ImageConv& g, \
-                           double slope, Tensor& grad_wt, Tensor& grad_b, Tensor& cols);
+// Each ISA build's entry points (image_conv_kernels.h), fp32 only; the weight [Cout, C, KH, KW] in any
+// layout:
+//   forward:  y (channels_last [N, OH, OW, Cout]) = act(x * w + b), b may be undefined; act is
+//             LeakyReLU(slope) (slope 1: none);
+//   backward: from dy and y (channels_last) with g = dy * act'(y): grad_w (in its own strides) and
+//             grad_b [Cout] when defined, and cols [N * OH * OW, K] = g @ w^T (w as [Cout, K]) when defined.
+#define GAN_FAST_IMAGE_CONV_ENTRY_POINTS                                                                          \
+  void image_conv_forward(const Tensor& x, const Tensor& weight, const Tensor& b, const ImageConv& g, double slope, \
+                          Tensor& y);                                                                               \
+  void image_conv_backward(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& weight,                \
+                           const ImageConv& g, double slope, Tensor& grad_w, Tensor& grad_b, Tensor& cols);
 
 // The best build's (bn_cpu.cpp).
 GAN_FAST_IMAGE_CONV_ENTRY_POINTS

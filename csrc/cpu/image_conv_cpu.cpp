@@ -39,11 +39,10 @@ Tensor conv_act_forward_cpu(const Tensor& x, const Tensor& weight, const c10::op
   if (!image_conv_applies(x, weight, transposed, act))
     return conv_act_forward<CpuKernels>(x, weight, bias, stride, padding, transposed, act, negative_slope);
   const ImageConv g = image_conv_geometry(x, weight, stride, padding);
-  const Tensor wt = weight.permute({2, 3, 1, 0}).reshape({g.K, g.Cout}).contiguous();  // [(i, j, c), Cout]
   const Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : Tensor();
   const auto channels_last = x.options().memory_format(at::MemoryFormat::ChannelsLast);
   Tensor y = new_output(at::empty({g.N, g.Cout, g.OH, g.OW}, channels_last));
-  image_conv_forward(x, wt, b, g, image_conv_slope(act, negative_slope), y);
+  image_conv_forward(x, weight, b, g, image_conv_slope(act, negative_slope), y);
   return y;
 }
 
@@ -62,19 +61,16 @@ std::tuple<Tensor, Tensor, Tensor> conv_act_backward_cpu(const Tensor& grad_out,
               x.sizes(), " with weight ", weight.sizes(), " gives [", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "]");
   const Tensor dy = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
   const Tensor y = out.contiguous(at::MemoryFormat::ChannelsLast);
-  const Tensor wk = weight.permute({0, 2, 3, 1}).reshape({g.Cout, g.K}).contiguous();  // [Cout, (i, j, c)]
   const auto f32 = x.options();
-  Tensor grad_wt = output_mask[1] ? new_output(at::empty({g.K, g.Cout}, f32)) : Tensor();
+  Tensor grad_w = output_mask[1] ? new_output(at::empty(weight.sizes(), f32.memory_format(conv_format(weight))))
+                                 : Tensor();
   Tensor grad_b = has_bias && output_mask[2] ? new_output(at::empty({g.Cout}, f32)) : Tensor();
   Tensor cols = output_mask[0] ? new_output(at::empty({g.N, g.OH, g.OW, g.KH, g.KW, g.C}, f32)) : Tensor();
-  if (grad_wt.defined() || grad_b.defined() || cols.defined())
-    image_conv_backward(dy, y, x, wk, g, image_conv_slope(act, negative_slope), grad_wt, grad_b, cols);
+  if (grad_w.defined() || grad_b.defined() || cols.defined())
+    image_conv_backward(dy, y, x, weight, g, image_conv_slope(act, negative_slope), grad_w, grad_b, cols);
   // Gradients in their tensor's layout, skipped ones empty ([0]), as conv_act_backward<K> returns them.
   const Tensor gx = cols.defined() ? col2im_cpu(cols, {g.H, g.W}, stride, padding) : at::empty({0}, f32);
-  const Tensor gw = grad_wt.defined()
-                        ? grad_wt.view({g.KH, g.KW, g.C, g.Cout}).permute({3, 2, 0, 1}).contiguous(conv_format(weight))
-                        : at::empty({0}, f32);
-  return {gx, gw, grad_b.defined() ? grad_b : at::empty({0}, f32)};
+  return {gx, grad_w.defined() ? grad_w : at::empty({0}, f32), grad_b.defined() ? grad_b : at::empty({0}, f32)};
 }
 
 }  // namespace gan_fast

@@ -55,6 +55,18 @@ inline void gather_image_rows(const float* x, const ImageConv& g, int64_t n, int
   }
 }
 
+// f(co, k, weight[co, c, i, j]) for every output channel and tap k = (i * KW + j) * C + c, read through
+// the weight's strides (any layout: no packed copy of it first).
+template <typename F>
+inline void for_each_tap(const Tensor& weight, const ImageConv& g, F&& f) {
+  const float* w = weight.data_ptr<float>();
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
+  for (int64_t co = 0; co < g.Cout; ++co)
+    for (int64_t i = 0; i < g.KH; ++i)
+      for (int64_t j = 0; j < g.KW; ++j)
+        for (int64_t c = 0; c < g.C; ++c) f(co, (i * g.KW + j) * g.C + c, w[co * s0 + c * s1 + i * s2 + j * s3]);
+}
+
 // P output pixels (columns ow .. ow + P - 1 of a row, `a` at the first one's taps) x BV vectors of
 // output channels: acc = b + sum over taps, in (i, j, c) order, of tap * w; then the activation.
 template <int P, int BV>
@@ -100,13 +112,12 @@ inline void image_forward_tiles(int64_t vecs, const float* a, int64_t WP, int64_
   }
 }
 
-void image_forward_impl(const Tensor& x, const Tensor& wt, const Tensor& b, const ImageConv& g, double slope,
+void image_forward_impl(const Tensor& x, const Tensor& weight, const Tensor& b, const ImageConv& g, double slope,
                         Tensor& y) {
   const int64_t CP = round_up_to_vec(g.Cout), WP = (g.W + 2 * g.p1) * g.C, KWC = g.KW * g.C, step = g.s1 * g.C;
-  // The weight [K, Cout] and bias with channels padded to whole vectors (zeros): no partial loads.
+  // The weight as [K, Cout] and the bias, channels padded to whole vectors (zeros): no partial loads.
   std::vector<float> w(static_cast<size_t>(g.K * CP), 0.f), bias(b.defined() ? CP : 0, 0.f);
-  const float* wtp = wt.data_ptr<float>();
-  for (int64_t k = 0; k < g.K; ++k) std::copy(wtp + k * g.Cout, wtp + (k + 1) * g.Cout, w.data() + k * CP);
+  for_each_tap(weight, g, [&](int64_t co, int64_t k, float v) { w[k * CP + co] = v; });
   if (b.defined()) std::copy(b.data_ptr<float>(), b.data_ptr<float>() + g.Cout, bias.data());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data();
@@ -183,16 +194,13 @@ inline void image_cols_tile(const float* g, int64_t CP, int64_t Cout, const floa
     }
 }
 
-void image_backward_impl(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& wk, const ImageConv& g,
-                         double slope, Tensor& grad_wt, Tensor& grad_b, Tensor& cols) {
-  const bool need_w = grad_wt.defined(), need_b = grad_b.defined(), need_x = cols.defined();
+void image_backward_impl(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& weight, const ImageConv& g,
+                         double slope, Tensor& grad_w, Tensor& grad_b, Tensor& cols) {
+  const bool need_w = grad_w.defined(), need_b = grad_b.defined(), need_x = cols.defined();
   const int64_t CP = round_up_to_vec(g.Cout), KP = round_up_to_vec(g.K), WP = (g.W + 2 * g.p1) * g.C;
   const int64_t KWC = g.KW * g.C, step = g.s1 * g.C, rows_total = g.N * g.OH;
-  std::vector<float> wpad(need_x ? static_cast<size_t>(g.Cout * KP) : 0, 0.f);
-  if (need_x) {
-    const float* wkp = wk.data_ptr<float>();
-    for (int64_t co = 0; co < g.Cout; ++co) std::copy(wkp + co * g.K, wkp + (co + 1) * g.K, wpad.data() + co * KP);
-  }
+  std::vector<float> wpad(need_x ? static_cast<size_t>(g.Cout * KP) : 0, 0.f);  // [Cout, KP]
+  if (need_x) for_each_tap(weight, g, [&](int64_t co, int64_t k, float v) { wpad[co * KP + k] = v; });
   // One partial per chunk of rows, added in chunk order at the end (deterministic for a thread count).
   const int64_t chunks = need_w || need_b ? cpu::num_chunks(rows_total, 8) : 1;
   std::vector<float> part_w(need_w ? static_cast<size_t>(chunks * g.K * CP) : 0, 0.f);
@@ -272,14 +280,18 @@ void image_backward_impl(const Tensor& dy, const Tensor& y, const Tensor& x, con
     at::parallel_for(0, rows_total, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.OW * g.Cout)),
                      [&](int64_t r0, int64_t r1) { rows_of(r0, r1, nullptr, nullptr); });
   }
-  if (need_w) {
-    float* out = grad_wt.data_ptr<float>();
-    for (int64_t k = 0; k < g.K; ++k)
-      for (int64_t co = 0; co < g.Cout; ++co) {
-        float sum = 0.f;
-        for (int64_t c = 0; c < chunks; ++c) sum += part_w[(c * g.K + k) * CP + co];
-        out[k * g.Cout + co] = sum;
-      }
+  if (need_w) {  // written in grad_w's own layout (strides)
+    float* out = grad_w.data_ptr<float>();
+    const int64_t ws[4] = {grad_w.stride(0), grad_w.stride(1), grad_w.stride(2), grad_w.stride(3)};
+    for (int64_t i = 0; i < g.KH; ++i)
+      for (int64_t j = 0; j < g.KW; ++j)
+        for (int64_t c = 0; c < g.C; ++c)
+          for (int64_t co = 0; co < g.Cout; ++co) {
+            const int64_t k = (i * g.KW + j) * g.C + c;
+            float sum = 0.f;
+            for (int64_t t = 0; t < chunks; ++t) sum += part_w[(t * g.K + k) * CP + co];
+            out[co * ws[0] + c * ws[1] + i * ws[2] + j * ws[3]] = sum;
+          }
   }
   if (need_b) {
     float* out = grad_b.data_ptr<float>();
@@ -294,13 +306,13 @@ void image_backward_impl(const Tensor& dy, const Tensor& y, const Tensor& x, con
 }  // namespace
 
 namespace GAN_FAST_CPU_NS {
-void image_conv_forward(const Tensor& x, const Tensor& wt, const Tensor& b, const ImageConv& g, double slope,
+void image_conv_forward(const Tensor& x, const Tensor& weight, const Tensor& b, const ImageConv& g, double slope,
                         Tensor& y) {
-  image_forward_impl(x, wt, b, g, slope, y);
+  image_forward_impl(x, weight, b, g, slope, y);
 }
-void image_conv_backward(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& wk, const ImageConv& g,
-                         double slope, Tensor& grad_wt, Tensor& grad_b, Tensor& cols) {
-  image_backward_impl(dy, y, x, wk, g, slope, grad_wt, grad_b, cols);
+void image_conv_backward(const Tensor& dy, const Tensor& y, const Tensor& x, const Tensor& weight, const ImageConv& g,
+                         double slope, Tensor& grad_w, Tensor& grad_b, Tensor& cols) {
+  image_backward_impl(dy, y, x, weight, g, slope, grad_w, grad_b, cols);
 }
 }  // namespace GAN_FAST_CPU_NS
 

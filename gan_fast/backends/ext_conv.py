@@ -223,6 +223,11 @@ def _image_transposed_grads(grad_y: Tensor, x: Tensor, weight: Tensor, stride: t
     ATen's convolution otherwise. oneDNN's backward of this layer took 0.6 ms a step at the digits
     size (issue #16)."""
     ops = torch.ops.gan_fast
+    if grad_y.shape[1] == 1 and grad_y.is_contiguous() and grad_y.stride(1) != 1:
+        # one channel: NCHW memory is NHWC memory, and the NHWC strides say so (the op's kernels take
+        # channels_last images; ATen's elementwise ops give a 1-channel result NCHW strides)
+        h, w = grad_y.shape[2:]
+        grad_y = grad_y.as_strided(grad_y.shape, (h * w, 1, w, 1))
     with below_autograd():  # a backward without create_graph: no graph to record, and no op autograd layer
         gx = ops.conv_act(grad_y, weight, None, stride, padding, False, ACT_NONE, 0.0) if need_x else None
         gw = (ops.conv_act_backward(x, x, grad_y, weight, False, stride, padding, False, ACT_NONE, 0.0,
