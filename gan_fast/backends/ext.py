@@ -218,10 +218,12 @@ _IMAGE_CONV_MAX_CHANNELS = 4
 
 
 def _conv_act(x, weight, bias, stride, padding, transposed, act, slope) -> Tensor:
-    """The conv_act op; in eager mode on a CPU, for a well-formed call, ext_conv.conv and the activation
-    in place under autograd: the op's CPU kernels are ATen's calls (csrc/common.h), and its autograd layer
-    cost 200-300 us per forward + backward at the digits size (issue #16). Any other call (CUDA,
-    torch.compile, a malformed one: the op's messages) goes through the op."""
+    """The conv_act op. In eager mode on a CPU: D's first layer (_image_conv_applies) through the op under
+    _ConvActFunction, whose CPU kernels are its own there; any other well-formed call as ext_conv.conv and
+    the activation in place under autograd, since for those the op's CPU kernels are ATen's calls
+    (csrc/common.h) and its torch.library autograd layer cost 200-300 us per forward + backward at the
+    digits size (issue #16). Any other call (CUDA, torch.compile, a malformed one: the op's messages)
+    goes through the op."""
     ops = _ops()  # BackendUnavailable first, where the extension is missing
     out_channels = weight.shape[1 if transposed else 0] if weight.dim() == 4 else -1
     if _image_conv_applies(x, weight, bias, transposed, act, out_channels):
