@@ -366,13 +366,18 @@ inline void check_conv_args(const Tensor& x, const Tensor& weight, const c10::op
   }
 }
 
+inline void check_conv_act_args(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, int64_t act,
+                                double negative_slope) {
+  check_conv_args(x, weight, bias, stride, padding, transposed, "gan_fast::conv_act");
+  check_act(act, negative_slope, "gan_fast::conv_act", /*allow_tanh=*/true);
+}
+
 template <class K>
 Tensor conv_act_forward(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                         at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, int64_t act,
                         double negative_slope) {
-  const char* op = "gan_fast::conv_act";
-  check_conv_args(x, weight, bias, stride, padding, transposed, op);
-  check_act(act, negative_slope, op, /*allow_tanh=*/true);
+  check_conv_act_args(x, weight, bias, stride, padding, transposed, act, negative_slope);
   std::vector<int64_t> zeros{0, 0}, ones{1, 1};
   Tensor y = at::convolution(x, weight, bias, stride, padding, ones, transposed, zeros, 1);
   // One layout per input layout (what the fake kernel promises); a no-op for oneDNN and cuDNN,

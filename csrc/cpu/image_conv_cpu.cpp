@@ -33,9 +33,7 @@ double image_conv_slope(int64_t act, double negative_slope) { return act == kAct
 Tensor conv_act_forward_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, bool transposed, int64_t act,
                             double negative_slope) {
-  const char* op = "gan_fast::conv_act";
-  check_conv_args(x, weight, bias, stride, padding, transposed, op);
-  check_act(act, negative_slope, op, /*allow_tanh=*/true);
+  check_conv_act_args(x, weight, bias, stride, padding, transposed, act, negative_slope);
   if (!image_conv_applies(x, weight, transposed, act))
     return conv_act_forward<CpuKernels>(x, weight, bias, stride, padding, transposed, act, negative_slope);
   const ImageConv g = image_conv_geometry(x, weight, stride, padding);
