@@ -11,6 +11,7 @@
 // gradient) the gradients come from ATen's differentiable composition (batch_norm + activation)
 // instead, so they are themselves differentiable (reference.differentiable_backward's idea).
 #include <ATen/ops/batch_norm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/leaky_relu.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/zeros_like.h>
@@ -31,24 +32,24 @@ std::tuple<Tensor, Tensor, Tensor> call_bn_act(const Tensor& x, const c10::optio
                                                const c10::optional<Tensor>& bias,
                                                const c10::optional<Tensor>& running_mean,
                                                const c10::optional<Tensor>& running_var, bool training, double eps,
-                                               int64_t act, double slope) {
+                                               int64_t act, double slope, int64_t chunks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("gan_fast::bn_act", "")
                        .typed<Three(const Tensor&, const Opt&, const Opt&, const Opt&, const Opt&, bool, double,
-                                    int64_t, double)>();
-  return op.call(x, weight, bias, running_mean, running_var, training, eps, act, slope);
+                                    int64_t, double, int64_t)>();
+  return op.call(x, weight, bias, running_mean, running_var, training, eps, act, slope, chunks);
 }
 
 std::tuple<Tensor, Tensor, Tensor> call_bn_act_backward(const Tensor& grad_out, const Tensor& x,
                                                         const c10::optional<Tensor>& weight,
                                                         const c10::optional<Tensor>& bias, const Tensor& mean,
                                                         const Tensor& var, bool training, double eps, int64_t act,
-                                                        double slope) {
+                                                        double slope, int64_t chunks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("gan_fast::bn_act_backward", "")
                        .typed<Three(const Tensor&, const Tensor&, const Opt&, const Opt&, const Tensor&,
-                                    const Tensor&, bool, double, int64_t, double)>();
-  return op.call(grad_out, x, weight, bias, mean, var, training, eps, act, slope);
+                                    const Tensor&, bool, double, int64_t, double, int64_t)>();
+  return op.call(grad_out, x, weight, bias, mean, var, training, eps, act, slope, chunks);
 }
 
 c10::optional<Tensor> maybe(const Tensor& t) {
@@ -60,17 +61,19 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
                                const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
                                const c10::optional<Tensor>& running_var, bool training, double eps, int64_t act,
-                               double slope) {
+                               double slope, int64_t chunks) {
     Tensor y, mean, var;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // the kernels, not bn_act's Python autograd
-      std::tie(y, mean, var) = call_bn_act(x, weight, bias, running_mean, running_var, training, eps, act, slope);
+      std::tie(y, mean, var) =
+          call_bn_act(x, weight, bias, running_mean, running_var, training, eps, act, slope, chunks);
     }
     ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, var});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->saved_data["slope"] = slope;
+    ctx->saved_data["chunks"] = chunks;
     ctx->mark_non_differentiable({mean, var});
     // mean and var never get a gradient: no zero tensors for them (two per call otherwise)
     ctx->set_materialize_grads(false);
@@ -82,17 +85,21 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4];
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble(), slope = ctx->saved_data["slope"].toDouble();
-    const int64_t act = ctx->saved_data["act"].toInt();
+    const int64_t act = ctx->saved_data["act"].toInt(), chunks = ctx->saved_data["chunks"].toInt();
     // needs_input_grad counts the node's edges, one per tensor argument that was given: x, then the
     // weight and the bias where defined
     const bool need[3] = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(1),
                           bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1)};
-    variable_list out(9);
+    variable_list out(10);
     const Tensor& grad_y = grads[0];
     if (!grad_y.defined() || !(need[0] || need[1] || need[2])) return out;
     if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients
-      Tensor z = at::batch_norm(x, maybe(weight), maybe(bias), training ? c10::optional<Tensor>() : maybe(mean),
-                                training ? c10::optional<Tensor>() : maybe(var), training, 0.0, eps, false);
+      // each chunk with its own statistics (chunks > 1 is training only)
+      std::vector<Tensor> parts;
+      for (const Tensor& xk : x.chunk(chunks))
+        parts.push_back(at::batch_norm(xk, maybe(weight), maybe(bias), training ? c10::optional<Tensor>() : maybe(mean),
+                                       training ? c10::optional<Tensor>() : maybe(var), training, 0.0, eps, false));
+      Tensor z = chunks == 1 ? parts[0] : at::cat(parts);
       Tensor y = act == kActRelu ? at::relu(z) : act == kActLeakyRelu ? at::leaky_relu(z, slope) : z;
       variable_list inputs;
       for (int i = 0; i < 3; ++i)
@@ -107,7 +114,7 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
       return out;
     }
     auto [gx, gw, gb] =
-        call_bn_act_backward(grad_y, x, maybe(weight), maybe(bias), mean, var, training, eps, act, slope);
+        call_bn_act_backward(grad_y, x, maybe(weight), maybe(bias), mean, var, training, eps, act, slope, chunks);
     if (need[0]) out[0] = gx;
     if (need[1]) out[1] = gw.to(weight.scalar_type());
     if (need[2]) out[2] = gb.to(bias.scalar_type());
@@ -119,8 +126,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_eager(const Tensor& x, const c10::opti
                                                 const c10::optional<Tensor>& bias,
                                                 const c10::optional<Tensor>& running_mean,
                                                 const c10::optional<Tensor>& running_var, bool training, double eps,
-                                                int64_t act, double negative_slope) {
-  auto out = BnActFunction::apply(x, weight, bias, running_mean, running_var, training, eps, act, negative_slope);
+                                                int64_t act, double negative_slope, int64_t chunks) {
+  auto out =
+      BnActFunction::apply(x, weight, bias, running_mean, running_var, training, eps, act, negative_slope, chunks);
   return {out[0], out[1], out[2]};
 }
 

@@ -19,6 +19,7 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -216,15 +217,29 @@ struct CudaKernels {
 // mean / var (biased) are returned in the accumulation dtype; invstd = 1/sqrt(var + eps) is
 // recomputed from them wherever it is needed, which also serves the running-stat update.
 
+// chunks > 1 (training only): the batch is that many equal batches stacked (D's real and fake batch
+// in one pass, gan_fast.fuse.discriminator_loss); each is normalized with its own statistics, as
+// separate calls would, into one output (no concatenation), and mean / var are [chunks, C]. A chunk
+// of the batch is a dense slice of x_ in either layout: planes n in [k Nk, (k + 1) Nk), or rows.
+inline BnShape chunk_shape(const BnShape& s, int64_t chunks) { return {s.N / chunks, s.C, s.S, s.rows}; }
+
+inline void check_chunks(int64_t chunks, int64_t batch, bool training, const char* op) {
+  TORCH_CHECK(chunks >= 1 && batch % chunks == 0, op, ": chunks must be >= 1 and divide the batch (", batch,
+              "), got ", chunks);
+  TORCH_CHECK(chunks == 1 || training, op, ": chunks > 1 normalizes each chunk with its own batch statistics, "
+              "so it needs training=True");
+}
+
 template <class K>
 std::tuple<Tensor, Tensor, Tensor> bn_act_forward(
     const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
-    bool training, double eps, int64_t act, double negative_slope) {
+    bool training, double eps, int64_t act, double negative_slope, int64_t chunks) {
   const char* op = "gan_fast::bn_act";
   check_bn_input(x, op);
   check_act(act, negative_slope, op, /*allow_tanh=*/false);
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  check_chunks(chunks, x.size(0), training, op);
   Tensor x_ = dense_input(x);
   BnShape s = bn_shape(x_);
   Tensor w = channel_param(weight, x, s.C, op, "weight");
@@ -232,22 +247,31 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_forward(
   auto acc = at::toOpMathType(x.scalar_type());
   Tensor y = new_output(at::empty_like(x_));
   Tensor mean, var;
+  const double slope = act_slope(act, negative_slope);
   if (training) {
-    TORCH_CHECK(s.count() > 1, op, ": expected more than 1 value per channel when training, got input of shape ",
-                x.sizes());
-    mean = new_output(at::empty({s.C}, x.options().dtype(acc)));
-    var = new_output(at::empty({s.C}, x.options().dtype(acc)));
-    K::bn_stats(x_, s, mean, var);
-  } else {
-    Tensor rm = channel_param(running_mean, x, s.C, op, "running_mean");
-    Tensor rv = channel_param(running_var, x, s.C, op, "running_var");
-    TORCH_CHECK(rm.defined() && rv.defined(), op,
-                ": running_mean and running_var must be given in evaluation mode (training=False)");
-    // Copies: the outputs must not alias the running buffers, which later steps update in place.
-    mean = rm.is_same(*running_mean) ? rm.clone() : rm;
-    var = rv.is_same(*running_var) ? rv.clone() : rv;
+    const BnShape sk = chunk_shape(s, chunks);
+    TORCH_CHECK(sk.count() > 1, op, ": expected more than 1 value per channel when training, got input of shape ",
+                x.sizes(), chunks > 1 ? " in chunks" : "");
+    const std::vector<int64_t> stat_shape = chunks == 1 ? std::vector<int64_t>{s.C} : std::vector<int64_t>{chunks, s.C};
+    mean = new_output(at::empty(stat_shape, x.options().dtype(acc)));
+    var = new_output(at::empty(stat_shape, x.options().dtype(acc)));
+    for (int64_t k = 0; k < chunks; ++k) {
+      Tensor xk = chunks == 1 ? x_ : x_.narrow(0, k * sk.N, sk.N);
+      Tensor yk = chunks == 1 ? y : y.narrow(0, k * sk.N, sk.N);
+      Tensor mk = chunks == 1 ? mean : mean.select(0, k), vk = chunks == 1 ? var : var.select(0, k);
+      K::bn_stats(xk, sk, mk, vk);
+      if (sk.numel() > 0) K::bn_apply(xk, sk, mk, vk, w, b, eps, slope, act, yk);
+    }
+    return {y, mean, var};
   }
-  if (s.numel() > 0) K::bn_apply(x_, s, mean, var, w, b, eps, act_slope(act, negative_slope), act, y);
+  Tensor rm = channel_param(running_mean, x, s.C, op, "running_mean");
+  Tensor rv = channel_param(running_var, x, s.C, op, "running_var");
+  TORCH_CHECK(rm.defined() && rv.defined(), op,
+              ": running_mean and running_var must be given in evaluation mode (training=False)");
+  // Copies: the outputs must not alias the running buffers, which later steps update in place.
+  mean = rm.is_same(*running_mean) ? rm.clone() : rm;
+  var = rv.is_same(*running_var) ? rv.clone() : rv;
+  if (s.numel() > 0) K::bn_apply(x_, s, mean, var, w, b, eps, slope, act, y);
   return {y, mean, var};
 }
 
@@ -255,7 +279,7 @@ template <class K>
 std::tuple<Tensor, Tensor, Tensor> bn_act_backward(
     const Tensor& grad_out, const Tensor& x, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, bool training,
-    double eps, int64_t act, double negative_slope) {
+    double eps, int64_t act, double negative_slope, int64_t chunks) {
   const char* op = "gan_fast::bn_act_backward";
   check_bn_input(x, op);
   check_act(act, negative_slope, op, /*allow_tanh=*/false);
@@ -264,13 +288,23 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward(
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
               grad_out.scalar_type(), " but the input has dtype ", x.scalar_type());
   check_same_device(grad_out, x, op, "grad_out");
+  check_chunks(chunks, x.size(0), training, op);
   Tensor x_ = dense_input(x);
   Tensor dy = same_layout(grad_out, x_);
   BnShape s = bn_shape(x_);
   Tensor w = channel_param(weight, x, s.C, op, "weight");
   Tensor b = channel_param(bias, x, s.C, op, "bias");
-  Tensor m = channel_param(mean, x, s.C, op, "mean");
-  Tensor v = channel_param(var, x, s.C, op, "var");
+  Tensor m, v;
+  if (chunks == 1) {
+    m = channel_param(mean, x, s.C, op, "mean");
+    v = channel_param(var, x, s.C, op, "var");
+  } else {  // one row of statistics per chunk, as bn_act returned them
+    TORCH_CHECK(mean.sizes() == at::IntArrayRef({chunks, s.C}) && var.sizes() == mean.sizes(), op,
+                ": with ", chunks, " chunks mean and var must be [", chunks, ", ", s.C, "], got ", mean.sizes(),
+                " and ", var.sizes());
+    m = channel_param(mean.reshape({-1}), x, chunks * s.C, op, "mean").view({chunks, s.C});
+    v = channel_param(var.reshape({-1}), x, chunks * s.C, op, "var").view({chunks, s.C});
+  }
   auto acc = at::toOpMathType(x.scalar_type());
   Tensor grad_weight = new_output(at::empty({s.C}, x.options().dtype(acc)));
   Tensor grad_bias = new_output(at::empty({s.C}, x.options().dtype(acc)));
@@ -281,8 +315,23 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward(
     grad_bias.zero_();
     return {grad_x, grad_weight, grad_bias};
   }
-  K::bn_backward_reduce(dy, x_, s, m, v, w, b, eps, slope, act, grad_weight, grad_bias);
-  K::bn_backward_apply(dy, x_, s, m, v, w, b, grad_weight, grad_bias, training, eps, slope, act, grad_x);
+  if (chunks == 1) {
+    K::bn_backward_reduce(dy, x_, s, m, v, w, b, eps, slope, act, grad_weight, grad_bias);
+    K::bn_backward_apply(dy, x_, s, m, v, w, b, grad_weight, grad_bias, training, eps, slope, act, grad_x);
+    return {grad_x, grad_weight, grad_bias};
+  }
+  // Each chunk's own sums give its input gradient; gamma and beta get the sum over the chunks.
+  const BnShape sk = chunk_shape(s, chunks);
+  Tensor gw_k = at::empty({chunks, s.C}, x.options().dtype(acc)), gb_k = at::empty_like(gw_k);
+  for (int64_t k = 0; k < chunks; ++k) {
+    Tensor dyk = dy.narrow(0, k * sk.N, sk.N), xk = x_.narrow(0, k * sk.N, sk.N);
+    Tensor dxk = grad_x.narrow(0, k * sk.N, sk.N);
+    Tensor mk = m.select(0, k), vk = v.select(0, k), gwk = gw_k.select(0, k), gbk = gb_k.select(0, k);
+    K::bn_backward_reduce(dyk, xk, sk, mk, vk, w, b, eps, slope, act, gwk, gbk);
+    K::bn_backward_apply(dyk, xk, sk, mk, vk, w, b, gwk, gbk, training, eps, slope, act, dxk);
+  }
+  at::sum_out(grad_weight, gw_k, {0});
+  at::sum_out(grad_bias, gb_k, {0});
   return {grad_x, grad_weight, grad_bias};
 }
 

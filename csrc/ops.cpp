@@ -32,15 +32,17 @@ TORCH_LIBRARY(gan_fast, m) {
   // act: 0 none, 1 relu, 2 leaky_relu(negative_slope). Returns (y, mean, var): in training the
   // batch mean and biased variance, in eval copies of the running statistics; both in the
   // accumulation dtype (float32 for half / bfloat16 inputs).
+  // chunks (training): the batch is that many equal batches, each normalized with its own statistics
+  // into the one output; mean and var are then [chunks, C].
   m.def("bn_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-        "bool training, float eps, int act, float negative_slope) -> (Tensor, Tensor, Tensor)");
+        "bool training, float eps, int act, float negative_slope, int chunks=1) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias); the last two in the accumulation dtype.
   m.def("bn_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
-        "bool training, float eps, int act, float negative_slope) -> (Tensor, Tensor, Tensor)");
+        "bool training, float eps, int act, float negative_slope, int chunks=1) -> (Tensor, Tensor, Tensor)");
   // bn_act with its autograd formula in C++ (csrc/bn_act_autograd.cpp), for eager mode; bn_act's
   // Python-registered formula is what torch.compile traces.
   m.def("bn_act_eager(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-        "bool training, float eps, int act, float negative_slope) -> (Tensor, Tensor, Tensor)");
+        "bool training, float eps, int act, float negative_slope, int chunks=1) -> (Tensor, Tensor, Tensor)");
   m.def("bn_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
         "float momentum, int count) -> ()");
   // act: 0 none, 1 relu, 2 leaky_relu(negative_slope), 3 tanh.

@@ -138,7 +138,9 @@ def _as_target(target, like: Tensor) -> Tensor:
 # The blocks of docs/ops.md.
 
 def _bn_act(x: Tensor, bn_weight, bn_bias, running_mean, running_var, training: bool, momentum: float,
-            eps: float, act: int, negative_slope: float = 0.0, process_group=None) -> Tensor:
+            eps: float, act: int, negative_slope: float = 0.0, process_group=None, chunks: int = 1) -> Tensor:
+    """bn_act, and the running statistics' update; ``chunks`` (training, no process group): the batch is
+    that many equal batches, each normalized with its own statistics, whose updates run in order."""
     momentum = check_momentum(momentum)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
@@ -152,9 +154,11 @@ def _bn_act(x: Tensor, bn_weight, bn_bias, running_mean, running_var, training: 
                                       act, negative_slope, process_group)
     bn_act = ops.bn_act if torch.compiler.is_compiling() else ops.bn_act_eager
     y, mean, var = bn_act(x, bn_weight, bn_bias, None if training else running_mean,
-                          None if training else running_var, training, eps, act, negative_slope)
+                          None if training else running_var, training, eps, act, negative_slope, chunks)
     if training and running_mean is not None:
-        ops.bn_update_stats_(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
+        count = x.numel() // x.shape[1] // chunks
+        for m, v in ((mean, var),) if chunks == 1 else zip(mean, var):
+            ops.bn_update_stats_(running_mean, running_var, m, v, momentum, count)
     return y
 
 
@@ -184,9 +188,13 @@ def conv2d_bn_leaky_relu(x, weight, bn_weight, bn_bias, running_mean, running_va
     check_batch_chunks(batch_chunks, x.shape[0], "conv2d_bn_leaky_relu")
     y = ext_conv.conv(x, weight, pair(stride, "stride", 1), pair(padding, "padding", 0), transposed=False)
     slope = check_slope(negative_slope)
-    out = [_bn_act(part, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, ACT_LEAKY_RELU,
-                   slope, process_group) for part in (y.chunk(batch_chunks) if batch_chunks > 1 else (y,))]
-    return torch.cat(out) if batch_chunks > 1 else out[0]
+    if batch_chunks > 1 and not training:  # the same statistics for every chunk: one call
+        batch_chunks = 1
+    if batch_chunks > 1 and process_group is not None:  # SyncBatchNorm: a call per chunk
+        return torch.cat([_bn_act(part, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                                  ACT_LEAKY_RELU, slope, process_group) for part in y.chunk(batch_chunks)])
+    return _bn_act(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, ACT_LEAKY_RELU, slope,
+                   process_group, batch_chunks)
 
 
 def conv2d_leaky_relu(x, weight, bias, *, stride, padding, negative_slope) -> Tensor:
@@ -359,21 +367,22 @@ def _check_devices(op: str, x: Tensor, ref: str = "the input", **tensors) -> Non
                          lambda: f"gan_fast::{op}: {name} is on {t.device} but {ref} is on {x.device}")
 
 
-def _bn_act_reference(x, weight, bias, mean, var, training, eps, act, slope):
+def _bn_act_reference(x, weight, bias, mean, var, training, eps, act, slope, chunks=1):
     """bn_act's output as torch ops (for second-order gradients): training normalizes with the batch's
-    own statistics, eval with the saved running ones."""
-    y = F.batch_norm(x, None if training else mean, None if training else var, weight, bias, training, 0.0, eps)
+    own statistics (each chunk's), eval with the saved running ones."""
+    y = torch.cat([F.batch_norm(part, None if training else mean, None if training else var, weight, bias, training,
+                                0.0, eps) for part in x.chunk(chunks)])
     if act == ACT_RELU:
         return F.relu(y)
     return F.leaky_relu(y, slope) if act == ACT_LEAKY_RELU else y
 
 
 def _bn_setup(ctx, inputs, output):
-    x, weight, bias, _rm, _rv, training, eps, act, slope = inputs
+    x, weight, bias, _rm, _rv, training, eps, act, slope, chunks = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(x, weight, bias, mean, var)
-    ctx.args = (training, eps, act, slope)
+    ctx.args = (training, eps, act, slope, chunks)
 
 
 def _bn_backward(ctx, grad_y, _grad_mean, _grad_var):
@@ -383,11 +392,11 @@ def _bn_backward(ctx, grad_y, _grad_mean, _grad_var):
     if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
         return (*differentiable_backward(lambda *t: _bn_act_reference(*t, mean, var, *ctx.args),
                                          (x, weight, bias), (grad_y,), ctx.needs_input_grad[:3]),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
     gx, gw, gb = torch.ops.gan_fast.bn_act_backward(grad_y, x, weight, bias, mean, var, *ctx.args)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, gw.to(weight.dtype) if need[1] else None,
-            gb.to(bias.dtype) if need[2] else None, None, None, None, None, None, None)
+            gb.to(bias.dtype) if need[2] else None, None, None, None, None, None, None, None)
 
 
 def _head_setup(ctx, inputs, output):
@@ -474,15 +483,15 @@ def _register() -> None:
 
     # ---- BatchNorm + activation
     @torch.library.register_fake(lib + "bn_act")
-    def _(x, weight, bias, running_mean, running_var, training, eps, act, negative_slope):
+    def _(x, weight, bias, running_mean, running_var, training, eps, act, negative_slope, chunks=1):
         torch._check(x.dim() in (2, 3, 4), lambda: f"gan_fast::bn_act: input must be 2-D to 4-D, got {x.dim()}-D")
         _check_devices("bn_act", x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-        c = x.shape[1]
+        stat = (x.shape[1],) if chunks == 1 else (chunks, x.shape[1])
         acc = _acc_dtype(x.dtype)
-        return torch.empty_like(_dense_like(x)), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+        return torch.empty_like(_dense_like(x)), x.new_empty(stat, dtype=acc), x.new_empty(stat, dtype=acc)
 
     @torch.library.register_fake(lib + "bn_act_backward")
-    def _(grad_out, x, weight, bias, mean, var, training, eps, act, negative_slope):
+    def _(grad_out, x, weight, bias, mean, var, training, eps, act, negative_slope, chunks=1):
         _check_devices("bn_act_backward", x, grad_out=grad_out, weight=weight, bias=bias, mean=mean, var=var)
         c = x.shape[1]
         acc = _acc_dtype(x.dtype)

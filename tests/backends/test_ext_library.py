@@ -104,6 +104,44 @@ def test_bn_act_eager_gradients_and_second_order(affine, training):
         assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
+@needs_ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bn_act_in_chunks_is_separate_calls_in_one_output(layout):
+    # chunks=k (D's real and fake batch in one pass): each chunk normalized with its own statistics,
+    # bit for bit what k calls give, into one output (no concatenation); gamma / beta get the sum of
+    # the chunks' gradients; float64 gradcheck and gradgradcheck of the C++ node with chunks
+    ops = torch.ops.gan_fast
+    x = make_input((6, 37, 3, 5), layout, requires_grad=False)
+    g, b = torch.rand(37, device=DEVICE) + 0.5, torch.randn(37, device=DEVICE)
+    dy = make_input(x.shape, layout, requires_grad=False)
+    ext.set_poison_outputs(True)
+    try:
+        y, mean, var = ops.bn_act(x, g, b, None, None, True, EPS, 2, SLOPE, 3)
+        grads = ops.bn_act_backward(dy, x, g, b, mean, var, True, EPS, 2, SLOPE, 3)
+    finally:
+        ext.set_poison_outputs(False)
+    assert mean.shape == var.shape == (3, 37) and y.stride() == x.stride()
+    parts = [ops.bn_act(xk, g, b, None, None, True, EPS, 2, SLOPE) for xk in x.chunk(3)]
+    assert torch.equal(y, torch.cat([p[0] for p in parts]))
+    assert torch.equal(mean, torch.stack([p[1] for p in parts])) and torch.equal(var, torch.stack([p[2] for p in parts]))
+    each = [ops.bn_act_backward(dk, xk, g, b, p[1], p[2], True, EPS, 2, SLOPE)
+            for dk, xk, p in zip(dy.chunk(3), x.chunk(3), parts)]
+    assert torch.equal(grads[0], torch.cat([e[0] for e in each]))
+    for i in (1, 2):
+        torch.testing.assert_close(grads[i], sum(e[i] for e in each), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="chunks must be >= 1 and divide the batch"):
+        ops.bn_act(x, g, b, None, None, True, EPS, 2, SLOPE, 4)
+    with pytest.raises(RuntimeError, match="needs training=True"):
+        ops.bn_act(x, g, b, torch.zeros(37), torch.ones(37), False, EPS, 2, SLOPE, 2)
+    with pytest.raises(RuntimeError, match=r"mean and var must be \[3, 37\]"):
+        ops.bn_act_backward(dy, x, g, b, mean[0], var[0], True, EPS, 2, SLOPE, 3)
+
+    x64, g64, b64 = _f64(4, 3, 2, 3), _f64(3, positive=True), _f64(3)
+    fn = lambda x, g, b: ops.bn_act_eager(x, g, b, None, None, True, EPS, 2, SLOPE, 2)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [x64, g64, b64], eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, [x64, g64, b64], eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.library.opcheck of every raw op (schema, fake kernel, autograd registration, AOT dispatch).
 
@@ -119,14 +157,19 @@ def _raw_samples():
         rm, rv = torch.randn(5, device=DEVICE) * 0.1, torch.rand(5, device=DEVICE) + 0.5
         out += [(ops.bn_act, (x, g, b, None, None, True, EPS, 2, SLOPE)),
                 (ops.bn_act, (x, None, None, rm, rv, False, EPS, 1, 0.0)),
+                (ops.bn_act, (x, g, b, None, None, True, EPS, 2, SLOPE, 2)),  # two chunks: D's real + fake
                 (ops.bn_act_eager, (x, g, b, None, None, True, EPS, 2, SLOPE)),
-                (ops.bn_act_eager, (x, None, None, rm, rv, False, EPS, 1, 0.0))]
+                (ops.bn_act_eager, (x, None, None, rm, rv, False, EPS, 1, 0.0)),
+                (ops.bn_act_eager, (x, g, b, None, None, True, EPS, 2, SLOPE, 2))]
         y, m, v = ops.bn_act(x.detach(), g.detach(), b.detach(), None, None, True, EPS, 2, SLOPE)
         out += [(ops.bn_act_backward, (make_input(x.shape, layout, requires_grad=False), x.detach(), g.detach(),
                                        b.detach(), m, v, True, EPS, 2, SLOPE)),
                 (ops.bn_act_backward, (make_input(x.shape, "strided", requires_grad=False), x.detach(), None, None,
                                        rm, rv, False, EPS, 0, 0.0))]
         out.append((ops.bn_update_stats_, (rm.clone(), rv.clone(), m, v, MOMENTUM, 24)))
+        _, m2, v2 = ops.bn_act(x.detach(), g.detach(), b.detach(), None, None, True, EPS, 2, SLOPE, 2)
+        out.append((ops.bn_act_backward, (make_input(x.shape, layout, requires_grad=False), x.detach(), g.detach(),
+                                          b.detach(), m2, v2, True, EPS, 2, SLOPE, 2)))
         w = make_input((4, 5, 3, 3))
         wt = make_input((5, 4, 4, 4))
         bias = make_input((4,))
