@@ -17,8 +17,8 @@
 
 namespace gan_fast {
 
-// The largest image channel count the direct kernels take (beyond it the weight no longer fits the
-// registers' tiling well, and oneDNN's convolutions are efficient).
+// The largest image channel count the direct kernels take: the images they are for (1-channel digits,
+// RGB, RGBA) and ext_conv's _IMAGE_MAX_CHANNELS rule; wider inputs were not measured against oneDNN.
 constexpr int64_t kImageConvMaxChannels = 4;
 
 // A conv2d's geometry: x [N, C, H, W] -> y [N, Cout, OH, OW], kernel KH x KW, stride, padding;
