@@ -17,8 +17,9 @@
 
 namespace gan_fast {
 
-// The largest image channel count the direct kernels take: the images they are for (1-channel digits,
-// RGB, RGBA) and ext_conv's _IMAGE_MAX_CHANNELS rule; wider inputs were not measured against oneDNN.
+// The largest image channel count the direct kernels take (gan_fast/backends/ext_conv.py's
+// _IMAGE_MAX_CHANNELS is the same limit in Python): the images they are for (1-channel digits, RGB,
+// RGBA); wider inputs were not measured against oneDNN.
 constexpr int64_t kImageConvMaxChannels = 4;
 
 // A conv2d's geometry: x [N, C, H, W] -> y [N, Cout, OH, OW], kernel KH x KW, stride, padding;

@@ -215,14 +215,11 @@ def _image_conv_applies(x, weight, bias, transposed, act, out_channels) -> bool:
     this says yes and it says no, it runs ATen's convolution, the same numbers."""
     return (not transposed and act == ACT_LEAKY_RELU and x.device.type == "cpu" and not torch.compiler.is_compiling()
             and x.dim() == 4 and weight.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and 0 < x.shape[1] <= _IMAGE_CONV_MAX_CHANNELS and x.shape[1] == weight.shape[1] and x.numel() > 0
+            and 0 < x.shape[1] <= ext_conv._IMAGE_MAX_CHANNELS and x.shape[1] == weight.shape[1] and x.numel() > 0
             and weight.device == x.device and _conv_format(x) == torch.channels_last
             and (bias is None or (bias.dtype == torch.float32 and bias.device == x.device
                                   and tuple(bias.shape) == (out_channels,))))
 
-
-# csrc/cpu/image_conv.h's kImageConvMaxChannels.
-_IMAGE_CONV_MAX_CHANNELS = 4
 
 
 def _conv_act(x, weight, bias, stride, padding, transposed, act, slope) -> Tensor:

@@ -193,12 +193,12 @@ class _ConvFunction(torch.autograd.Function):
             return (*differentiable_backward(lambda a, b: conv(a, b, None, stride, padding), (x, weight),
                                              (grad_y,), (need_x, need_w)), None, None, None)
         x = x.to(grad_y.dtype)  # the forward's dtype (autocast's, under autocast)
+        if transposed and _image_side_is_a_gemm(x, weight, weight.shape[1]):
+            return (*_image_transposed_grads(grad_y, x, weight, stride, padding, need_x, need_w), None, None, None)
         image, grad = (grad_y, x) if transposed else (x, grad_y)  # of the conv2d whose weight gradient it is
         whole = _deep_layer_is_a_gemm((image, grad), tuple(grad.shape[2:]), weight)
         im2col_x = transposed and _deep_layer_is_a_gemm((image, grad), tuple(grad.shape[2:]), weight, torch.bfloat16)
         image_x = not transposed and _image_side_is_a_gemm(grad_y, weight, x.shape[1])
-        if transposed and _image_side_is_a_gemm(x, weight, weight.shape[1]):
-            return (*_image_transposed_grads(grad_y, x, weight, stride, padding, need_x, need_w), None, None, None)
         gemm_x = need_x and (whole or im2col_x or image_x)
         gemm_w = need_w and (whole or _weight_grad_is_a_gemm(image, grad, weight))
         gx = gw = None
